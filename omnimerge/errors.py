@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Every failure a user can cause (a bad recipe, a broken checkpoint, a tensor that does not fit) raises an
+:class:`OmniMergeError` whose message names the file or tensor, what was expected and what was found. The CLI
+prints the message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class OmniMergeError(Exception):
+    """An error caused by the user's inputs; its message is meant to be read by them."""
+
+
+class RecipeError(OmniMergeError):
+    """The recipe (or a --set override) is invalid."""
+
+
+class MethodParameterError(RecipeError):
+    """A merge method's hyper-parameter is unknown, of the wrong type, or out of range."""
+
+
+class CheckpointError(OmniMergeError):
+    """A checkpoint cannot be found, read, or does not match the others."""
+
+
+class TensorMismatchError(CheckpointError):
+    """Tensors that must agree (names, shapes) do not."""
+
+
+class NonFiniteTensorError(CheckpointError):
+    """An input tensor holds NaN or Inf values."""
+
+
+class OutputError(OmniMergeError):
+    """The output cannot be written (exists, disk full, ...)."""

@@ -1,0 +1,41 @@
+"""Merge methods: one file per algorithm family, registered by the imports below.
+
+Adding a method: write a function in a family file (or a new file) decorated with
+:func:`omnimerge.methods.base.merge_method`, and import the file here (one line).
+"""
+
+from __future__ import annotations
+
+from omnimerge.errors import RecipeError
+from omnimerge.methods.base import (
+    GlobalPass,
+    LowRank,
+    MergeMethod,
+    Param,
+    TensorContext,
+    merge_method,
+    registry,
+)
+
+# --- the registry: one import per family file ---------------------------------------------------------------
+from omnimerge.methods import linear  # noqa: E402,F401  weight_average, task_arithmetic
+from omnimerge.methods import ties  # noqa: E402,F401  ties, dare_ta, dare_ties
+
+__all__ = [
+    "GlobalPass",
+    "LowRank",
+    "MergeMethod",
+    "Param",
+    "TensorContext",
+    "get_method",
+    "merge_method",
+    "registry",
+]
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; an unknown name raises a :class:`RecipeError` listing the known ones."""
+    reg = registry()
+    if name not in reg:
+        raise RecipeError(f"merge_method: unknown method '{name}' (known: {', '.join(sorted(reg))})")
+    return reg[name]

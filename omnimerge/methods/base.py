@@ -1,0 +1,324 @@
+"""The merge-method API: declared hyper-parameters, the per-tensor context, the registry.
+
+A merge method is a pure function over the tensors of **one** parameter::
+
+    def fn(base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext, **params) -> Tensor
+
+``base`` is the base weight W0 and ``task_vectors`` the experts' task vectors tau_i = W_i - W0, all in the compute
+dtype on the compute device. It returns the merged **delta** (already multiplied by the method's scaling lambda,
+if it has one): the engine writes ``W = W0 + delta``. Methods know nothing of files, names on disk or dtypes
+of the output.
+
+A method is declared with :func:`merge_method`, which records its hyper-parameters (:class:`Param`), its paper
+and its summary; adding a method takes one file and one line in :mod:`omnimerge.methods` (the import that runs
+the decorator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnimerge.errors import MethodParameterError
+
+ParamValue = float | int | str | bool | None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared hyper-parameter of a merge method.
+
+    ``low``/``high`` bound numeric values (``low_open``/``high_open`` make the bound strict); ``choices``
+    restricts strings. ``per_model`` parameters may also be given per expert under ``models[].parameters``;
+    the method then receives a tuple with one value per expert.
+    """
+
+    name: str
+    default: ParamValue
+    doc: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    per_model: bool = False
+    nullable: bool = False
+
+    def describe_range(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.low is None and self.high is None:
+            return f"a {self.kind.__name__}"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        lb = "(" if (self.low is None or self.low_open) else "["
+        hb = ")" if (self.high is None or self.high_open) else "]"
+        return f"a {self.kind.__name__} in {lb}{lo}, {hi}{hb}"
+
+    def validate(self, value: Any, where: str) -> ParamValue:
+        """Coerce ``value`` to the declared type and check its range; ``where`` names it in errors."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise MethodParameterError(f"{where}: '{self.name}' must be {self.describe_range()}, got null")
+        try:
+            if self.kind is bool:
+                if isinstance(value, bool):
+                    v: Any = value
+                elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                    v = value.lower() in ("true", "yes", "1")
+                else:
+                    raise ValueError
+            elif self.kind is int:
+                if isinstance(value, bool):
+                    raise ValueError
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                v = int(value)
+            elif self.kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                v = float(value)
+                if not math.isfinite(v):
+                    raise ValueError
+            else:
+                v = str(value)
+        except (TypeError, ValueError):
+            raise MethodParameterError(
+                f"{where}: '{self.name}' must be {self.describe_range()}, got {value!r}"
+            ) from None
+        if self.choices is not None and v not in self.choices:
+            raise MethodParameterError(f"{where}: '{self.name}' must be {self.describe_range()}, got {v!r}")
+        if self.kind in (int, float):
+            bad = False
+            if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+                bad = True
+            if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
+                bad = True
+            if bad:
+                raise MethodParameterError(
+                    f"{where}: '{self.name}' must be {self.describe_range()}, got {v!r}"
+                )
+        return v
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An exact low-rank factorisation of a task vector: ``tau = scale * B @ A`` (B: m x r, A: r x n).
+
+    Given for LoRA inputs, so that spectral methods can take the SVD from the factors (QR of B and A^T, then an
+    r x r SVD) instead of from the dense m x n matrix.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float = 1.0
+
+    def dense(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scale
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thin SVD of ``scale * B @ A`` from the factors: ``U`` m x r, ``S`` r, ``Vh`` r x n (exact)."""
+        qb, rb = torch.linalg.qr(self.B)
+        qa, ra = torch.linalg.qr(self.A.T)
+        core = (rb @ ra.T) * self.scale
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        return qb @ u, s, vh @ qa.T
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the parameter it merges, besides the tensors themselves.
+
+    Attributes:
+        name: the tensor's name in the base checkpoint.
+        canonical: its normalised name (the same across transformers versions).
+        component: its component (``language_model``, ``norm``, ``vision_tower``, ... see omnimerge.components).
+        num_models: number of experts T.
+        factors: per expert, an exact :class:`LowRank` factorisation of its task vector when one is known
+            (LoRA inputs), else ``None``.
+        stats: the result of the method's global pass (see :class:`GlobalPass`), or ``None``.
+        seed: the recipe's seed (methods with randomness use :meth:`generator`).
+        log: a callable for one-line notes the method wants the user to see (printed once per distinct text).
+    """
+
+    name: str
+    canonical: str = ""
+    component: str = "other"
+    num_models: int = 0
+    factors: Sequence[LowRank | None] | None = None
+    stats: Any = None
+    seed: int = 0
+    log: Callable[[str], None] = field(default=lambda msg: None)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, tensor name): deterministic whatever order tensors are merged in."""
+        digest = hashlib.sha256(f"{self.seed}:{self.canonical or self.name}".encode()).digest()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+    def low_rank(self, i: int) -> LowRank | None:
+        if self.factors is None:
+            return None
+        return self.factors[i]
+
+
+class GlobalPass:
+    """A statistic a method needs over *all* merged tensors before it can merge any (e.g. global TIES).
+
+    The engine runs ``passes`` sweeps over the selected tensors; in sweep ``p`` it calls
+    ``update(p, state, task_vectors, ctx)`` for each tensor, then ``finish(p, state)``. ``result(state)`` is handed
+    to every per-tensor call as ``ctx.stats``. ``state`` starts as ``init(num_models, params)``.
+    """
+
+    passes: int = 1
+
+    def init(self, num_models: int, params: Mapping[str, Any]) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update(self, p: int, state: Any, task_vectors: Sequence[torch.Tensor], ctx: TensorContext) -> None:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def finish(self, p: int, state: Any) -> None:
+        return None
+
+    def result(self, state: Any) -> Any:
+        return state
+
+    def needed(self, params: Mapping[str, Any]) -> bool:
+        """Whether this configuration of the method needs the global pass at all."""
+        return True
+
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its function, declared parameters and provenance."""
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...]
+    summary: str
+    paper: str
+    url: str = ""
+    global_pass: GlobalPass | None = None
+    #: "dense" (the default: one merged model) or "online" (keeps the experts' adapters apart; see modality).
+    output_kind: str = "dense"
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip()
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def resolve(
+        self, params: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]], where: str = "parameters"
+    ) -> dict[str, Any]:
+        """Validate the recipe's values against the declaration; return the keyword arguments for ``fn``.
+
+        ``params`` are the top-level ``parameters``; ``per_model`` the ``models[i].parameters``. Unknown names,
+        wrong types and out-of-range values raise :class:`MethodParameterError` naming the parameter.
+        """
+        known = {p.name: p for p in self.params}
+        for key in params:
+            if key not in known:
+                raise MethodParameterError(
+                    f"{where}: method '{self.name}' has no parameter '{key}' "
+                    f"(it takes: {', '.join(sorted(known)) or 'none'})"
+                )
+        for i, mp in enumerate(per_model):
+            for key in mp:
+                if key not in known:
+                    raise MethodParameterError(
+                        f"models[{i}].parameters: method '{self.name}' has no parameter '{key}' "
+                        f"(it takes: {', '.join(sorted(known)) or 'none'})"
+                    )
+                if not known[key].per_model:
+                    raise MethodParameterError(
+                        f"models[{i}].parameters: '{key}' of method '{self.name}' is one value for all "
+                        f"models; set it under the top-level 'parameters'"
+                    )
+        out: dict[str, Any] = {}
+        for p in self.params:
+            top = p.validate(params[p.name], f"{where}") if p.name in params else p.default
+            if p.per_model:
+                vals = []
+                for i, mp in enumerate(per_model):
+                    vals.append(p.validate(mp[p.name], f"models[{i}].parameters") if p.name in mp else top)
+                out[p.name] = tuple(vals)
+            else:
+                out[p.name] = top
+        return out
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    summary: str,
+    paper: str,
+    url: str = "",
+    global_pass: GlobalPass | None = None,
+    output_kind: str = "dense",
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as merge method ``name`` (decorator)."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            params=tuple(params),
+            summary=summary,
+            paper=paper,
+            url=url,
+            global_pass=global_pass,
+            output_kind=output_kind,
+        )
+        return fn
+
+    return deco
+
+
+def registry() -> dict[str, MergeMethod]:
+    return _REGISTRY
+
+
+# --- shared helpers for method implementations -------------------------------------------------------------
+
+SCALING_DOC = "lambda: multiplies the merged task vector (W = W0 + lambda * tau_merged)"
+
+
+def scaling_param(default: float | None = 1.0, nullable: bool = False) -> Param:
+    return Param("scaling", default, SCALING_DOC, float, low=0.0, nullable=nullable)
+
+
+def mean_of(task_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Incremental mean acc <- acc + (tau_i - acc)/i, the references' rule for non-2-D parameters."""
+    acc = task_vectors[0].clone()
+    for i, tv in enumerate(task_vectors[1:], start=2):
+        acc.add_(tv - acc, alpha=1.0 / i)
+    return acc
+
+
+def is_matrix(ctx: TensorContext, t: torch.Tensor) -> bool:
+    """True for 2-D parameters other than the lm_head: the ones the spectral/optimisation methods act on."""
+    return t.dim() == 2 and ctx.component != "lm_head" and "lm_head" not in ctx.name

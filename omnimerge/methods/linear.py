@@ -1,0 +1,65 @@
+"""Linear methods: weight averaging (model soup) and task arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from omnimerge.methods.base import Param, TensorContext, merge_method, scaling_param
+
+WEIGHT = Param("weight", 1.0, "per-model weight w_i", float, per_model=True)
+
+
+def weighted_sum(task_vectors: Sequence[torch.Tensor], weight: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i * tau_i, accumulated in place (no stacked copy of the task vectors)."""
+    acc = task_vectors[0] * weight[0] if weight[0] != 1.0 else task_vectors[0].clone()
+    for tv, w in zip(task_vectors[1:], weight[1:], strict=True):
+        acc.add_(tv, alpha=w)
+    return acc
+
+
+@merge_method(
+    "weight_average",
+    params=[WEIGHT],
+    summary="Average of the experts' weights: W = sum_i w_i W_i / sum_i w_i.",
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+    url="https://arxiv.org/abs/2203.05482",
+)
+def weight_average(
+    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float]
+) -> torch.Tensor:
+    """Weighted average of the experts.
+
+    W = sum_i w_i W_i / sum_i w_i, i.e. delta = sum_i w_i tau_i / sum_i w_i (uniform weights: the mean task
+    vector). No lambda. OptMerge paper, Table 2/3 "Weight Average" (MLLMerging baseline_merging.py).
+    """
+    total = float(sum(weight))
+    if total == 0.0:
+        raise ValueError("weight_average: the per-model weights sum to zero")
+    acc = weighted_sum(task_vectors, weight)
+    return acc.div_(total)
+
+
+@merge_method(
+    "task_arithmetic",
+    params=[scaling_param(0.3), WEIGHT],
+    summary="Task arithmetic: W = W0 + lambda * sum_i w_i tau_i.",
+    paper="Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv 2212.04089)",
+    url="https://arxiv.org/abs/2212.04089",
+)
+def task_arithmetic(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    scaling: float,
+    weight: Sequence[float],
+) -> torch.Tensor:
+    """Task arithmetic.
+
+    tau_m = sum_i w_i tau_i with tau_i = W_i - W0;  W = W0 + lambda tau_m.
+    OptMerge paper baseline "Task Arithmetic" (default lambda 0.3 as in MLLMerging baseline_merging.py).
+    """
+    acc = weighted_sum(task_vectors, weight)
+    return acc.mul_(scaling) if scaling != 1.0 else acc
