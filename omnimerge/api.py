@@ -1,0 +1,57 @@
+"""The Python API: ``omnimerge.merge(recipe, output)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omnimerge.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
+
+
+def as_recipe(recipe: Recipe | dict[str, Any] | str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a mapping (paths relative to the working directory) or a YAML path."""
+    if isinstance(recipe, Recipe):
+        if overrides:
+            data = apply_overrides(recipe.model_dump(exclude={"base_dir"}), overrides)
+            return validate_recipe(data, "recipe", recipe.base_path)
+        return recipe
+    if isinstance(recipe, dict):
+        return validate_recipe(apply_overrides(recipe, overrides or []), "recipe")
+    return load_recipe(recipe, overrides)
+
+
+def merge(
+    recipe: Recipe | dict[str, Any] | str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    device: str | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    overrides: list[str] | None = None,
+    echo: Callable[[str], None] | None = None,
+    check_finite: bool = True,
+    hash_inputs: bool = True,
+) -> Any:
+    """Merge the recipe's experts into ``output`` (a Hugging Face checkpoint folder); return a MergeReport.
+
+    ``recipe`` may be a :class:`Recipe`, a dict with the YAML keys, or the path of a YAML recipe.
+    ``overrides`` are ``key.path=value`` strings (like the CLI's ``--set``). Raises
+    :class:`omnimerge.errors.OmniMergeError` with a readable message on any bad input; on failure nothing is
+    left at ``output``.
+    """
+    from omnimerge.engine import MergeRun
+
+    r = as_recipe(recipe, overrides)
+    return MergeRun(
+        r,
+        output,
+        overwrite=overwrite,
+        device=device,
+        workers=workers,
+        progress=progress,
+        echo=echo,
+        check_finite=check_finite,
+        hash_inputs=hash_inputs,
+    ).run()

@@ -1,0 +1,132 @@
+"""Non-weight files of a checkpoint (config, tokenizer, processor, chat template, remote code), input
+hashing, and the model card written beside a merged model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from omnimerge.checkpoint.reader import WEIGHT_FILE
+from omnimerge.errors import OutputError
+
+_SKIP = {"README.md", "omnimerge_recipe.yaml", ".gitattributes"}
+_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def auxiliary_files(folder: Path) -> list[Path]:
+    """Files to carry over from a checkpoint folder: everything but weights, the model card and hidden files."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name in _SKIP or not p.is_file():
+            continue
+        if WEIGHT_FILE.match(p.name):
+            continue
+        out.append(p)
+    return out
+
+
+def copy_auxiliary(src: Path, dst: Path, out_dtype: str | None) -> list[str]:
+    """Copy config/tokenizer/processor/chat-template/remote-code files; record ``out_dtype`` in config.json."""
+    copied = []
+    for p in auxiliary_files(src):
+        target = dst / p.name
+        try:
+            if p.name == "config.json" and out_dtype:
+                cfg = json.loads(p.read_text(encoding="utf-8"))
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg or key == "dtype":
+                        cfg[key] = out_dtype
+                target.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            else:
+                shutil.copyfile(p, target)
+        except OSError as e:
+            raise OutputError(f"{target}: cannot copy {p} ({e.strerror or e})") from None
+        copied.append(p.name)
+    return copied
+
+
+def _cached_sha256(p: Path) -> str | None:
+    """Hugging Face cache blobs of LFS files are named by their sha256: no need to read them."""
+    try:
+        real = p.resolve()
+    except OSError:
+        return None
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    return None
+
+
+class FileHasher:
+    """sha256 of the input files, computed on a background thread while the merge runs."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = list(dict.fromkeys(files))
+        self.result: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, name="omnimerge-hash", daemon=True)
+        self._stop = False
+
+    def start(self) -> FileHasher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for f in self.files:
+            if self._stop:
+                return
+            digest = _cached_sha256(f)
+            if digest is None:
+                try:
+                    with open(f, "rb") as fh:
+                        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                except OSError:
+                    digest = "unreadable"
+            self.result[str(f)] = digest
+
+    def join(self) -> dict[str, str]:
+        self._thread.join()
+        return self.result
+
+    def cancel(self) -> None:
+        self._stop = True
+
+
+def write_model_card(
+    folder: Path,
+    recipe_yaml: str,
+    method: Any,
+    inputs: list[tuple[str, str, list[tuple[str, str]]]],
+    report: dict[str, Any],
+) -> None:
+    """README.md with YAML front matter, the method and its paper, every input file's sha256, the recipe."""
+    base_refs = [ref for role, ref, _ in inputs if role == "base"]
+    lines = ["---", "library_name: transformers", "tags:", "- omnimerge", "- merge"]
+    if base_refs and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base_refs[0]):
+        lines += ["base_model:", f"- {base_refs[0]}"]
+    lines += ["---", "", "# Merged model", ""]
+    lines += [
+        f"Merged with [omnimerge](https://pypi.org/project/omnimerge/) using **{method.name}**: {method.summary}",
+        "",
+        f"Paper: {method.paper}" + (f" — {method.url}" if method.url else ""),
+        "",
+        f"Merged tensors: {report.get('merged', 0)}; copied from the base: {report.get('copied', 0)}; "
+        f"time: {report.get('seconds', 0):.1f} s.",
+        "",
+        "## Inputs",
+        "",
+        "| role | model | file | sha256 |",
+        "|---|---|---|---|",
+    ]
+    for role, ref, files in inputs:
+        for fname, digest in files:
+            lines.append(f"| {role} | `{ref}` | `{fname}` | `{digest}` |")
+    lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    try:
+        (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+        (folder / "omnimerge_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot write the model card ({e.strerror or e})") from None

@@ -1,0 +1,358 @@
+"""Lazy, memory-mapped reading of Hugging Face checkpoints.
+
+A :class:`Checkpoint` is opened from a local folder or a hub id already in the local Hugging Face cache
+(offline). It lists every tensor (name, dtype, shape, file) from the safetensors headers alone and reads one
+tensor at a time as a view of the memory-mapped file: nothing is loaded until asked for, and the page cache, not
+the process, holds the file bytes. ``pytorch_model*.bin`` checkpoints are read only through
+``torch.load(weights_only=True, mmap=True)``.
+
+Headers are validated on open (offsets inside the file, no overlap, known dtypes), so a truncated or corrupt
+file is refused with its path before any merging starts.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnimerge.checkpoint.names import canonical_map
+from omnimerge.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _code, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.safetensors\.index\.json$"
+                         r"|.*\.bin\.index\.json$")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives: file, byte range of its data (absolute offsets), dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Read and validate a safetensors header; return tensor metadata (absolute offsets) and __metadata__."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > 100_000_000 or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header of {n} bytes in a {size}-byte file)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    out: dict[str, TensorMeta] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            code = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            b, e = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code}")
+        tm = TensorMeta(name, SAFETENSORS_DTYPES[code], shape, path, data_start + b, data_start + e)
+        if e < b or tm.nbytes != e - b:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' declares shape {list(shape)} {code} ({tm.nbytes} bytes) but spans "
+                f"{e - b} bytes"
+            )
+        if data_start + e > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor '{name}' ends at byte {data_start + e} but the file "
+                f"has {size} bytes"
+            )
+        spans.append((b, e, name))
+        out[name] = tm
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensors '{n0}' and '{n1}' overlap")
+    return out, {str(k): str(v) for k, v in meta.items()}
+
+
+class _MappedFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        # ACCESS_COPY: a private, writable-looking mapping (torch.frombuffer needs one); pages stay shared with
+        # the page cache because nothing ever writes to them.
+        self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_COPY) if size else None
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+        os.close(self.fd)
+
+
+def resolve_model_path(ref: str, base_dir: Path | None = None) -> Path:
+    """A local folder for ``ref``: a path (relative to ``base_dir`` if given), or a hub id in the local cache."""
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [p]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+        if c.is_file():
+            # a single weights file: its folder is the checkpoint
+            if WEIGHT_FILE.match(c.name):
+                return c.resolve().parent
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?", ref) is not None
+    if looks_like_hub_id and not ref.startswith((".", "/")):
+        repo, _, rev = ref.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+        except Exception:  # noqa: BLE001 - every failure means "not in the cache"
+            raise CheckpointError(
+                f"model '{ref}': no such local folder, and the hub id is not in the local Hugging Face cache "
+                f"(omnimerge works offline: download it first, e.g. `huggingface-cli download {repo}`)"
+            ) from None
+    where = f" (relative to {base_dir})" if base_dir and not p.is_absolute() else ""
+    raise CheckpointError(f"model '{ref}': no such folder{where}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
+class Checkpoint:
+    """A full model checkpoint folder, opened lazily.
+
+    Attributes:
+        path: the folder.
+        config: its ``config.json`` (empty if absent).
+        tensors: on-disk name -> :class:`TensorMeta`, in file order.
+        canonical: canonical name -> on-disk name.
+        files: the weight files.
+    """
+
+    def __init__(self, path: Path, ref: str | None = None) -> None:
+        self.path = Path(path)
+        self.ref = ref or str(path)
+        cfg = self.path / "config.json"
+        self.config: dict[str, Any] = read_json(cfg) if cfg.is_file() else {}
+        self.tensors: dict[str, TensorMeta] = {}
+        self.metadata: dict[str, str] = {}
+        self._bin: dict[Path, dict[str, torch.Tensor]] = {}
+        self._maps: dict[Path, _MappedFile] = {}
+        self._lock = threading.Lock()
+        self.files = self._find_files()
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                metas, md = parse_safetensors_header(f)
+                self.metadata.update(md)
+                for name, m in metas.items():
+                    if name in self.tensors:
+                        raise CheckpointError(f"{self.path}: tensor '{name}' appears in two weight files")
+                    self.tensors[name] = m
+            else:
+                for name, t in self._load_bin(f).items():
+                    if name in self.tensors:
+                        raise CheckpointError(f"{self.path}: tensor '{name}' appears in two weight files")
+                    self.tensors[name] = TensorMeta(name, t.dtype, tuple(t.shape), f)
+        if not self.tensors:
+            raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
+        self.canonical = canonical_map(list(self.tensors), str(self.path))
+        self._canonical_of = {v: k for k, v in self.canonical.items()}
+
+    # -- discovery ---------------------------------------------------------------------------------------
+    def _find_files(self) -> list[Path]:
+        d = self.path
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = d / index_name
+            if index.is_file():
+                wm = read_json(index).get("weight_map")
+                if not isinstance(wm, dict) or not wm:
+                    raise CheckpointError(f"{index}: no 'weight_map' in the index")
+                names = list(dict.fromkeys(wm.values()))
+                files = [d / n for n in names]
+                missing = [str(f.name) for f in files if not f.is_file()]
+                if missing:
+                    raise CheckpointError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+                self._index_map = wm
+                return files
+        single = d / "model.safetensors"
+        if single.is_file():
+            return [single]
+        st = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("adapter_"))
+        if st:
+            return st
+        binf = d / "pytorch_model.bin"
+        if binf.is_file():
+            return [binf]
+        if (d / "adapter_config.json").is_file():
+            raise CheckpointError(f"{d}: is a PEFT adapter, not a full checkpoint")
+        raise CheckpointError(
+            f"{d}: no weights found (expected model.safetensors, a sharded model.safetensors.index.json, "
+            f"or pytorch_model.bin)"
+        )
+
+    def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._bin:
+            try:
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - pickle / zip errors of many kinds
+                raise CheckpointError(f"{f}: cannot load as a PyTorch weights file (weights_only): {e}") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise CheckpointError(f"{f}: expected a state dict of tensors")
+            self._bin[f] = sd
+        return self._bin[f]
+
+    # -- facts ---------------------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str | None:
+        mt = self.config.get("model_type")
+        return str(mt) if mt else None
+
+    @property
+    def architectures(self) -> list[str]:
+        a = self.config.get("architectures") or []
+        return [str(x) for x in a] if isinstance(a, list) else []
+
+    def meta(self, name: str) -> TensorMeta:
+        return self.tensors[name]
+
+    def canonical_of(self, name: str) -> str:
+        """Canonical name of the on-disk tensor ``name``."""
+        return self._canonical_of[name]
+
+    def find(self, canonical: str) -> str | None:
+        """On-disk name of the tensor with canonical name ``canonical`` (None if absent)."""
+        return self.canonical.get(canonical)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def _mapped(self, f: Path) -> _MappedFile:
+        m = self._maps.get(f)
+        if m is None:
+            with self._lock:
+                m = self._maps.get(f)
+                if m is None:
+                    try:
+                        m = _MappedFile(f)
+                    except OSError as e:
+                        raise CheckpointError(f"{f}: cannot open ({e.strerror or e})") from None
+                    self._maps[f] = m
+        return m
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored (a view of the mapped file for safetensors: do not modify it)."""
+        m = self.tensors.get(name)
+        if m is None:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        if m.file.suffix != ".safetensors":
+            return self._load_bin(m.file)[name]
+        if m.numel == 0:
+            return torch.empty(m.shape, dtype=m.dtype)
+        mf = self._mapped(m.file)
+        assert mf.mm is not None
+        if m.begin % element_size(m.dtype):
+            # unaligned data: copy the bytes out first
+            buf = bytearray(mf.mm[m.begin : m.end])
+            return torch.frombuffer(buf, dtype=m.dtype).reshape(m.shape)
+        return torch.frombuffer(mf.mm, dtype=m.dtype, count=m.numel, offset=m.begin).reshape(m.shape)
+
+    def raw_source(self, name: str) -> tuple[int, int, int] | None:
+        """(fd, offset, nbytes) of a tensor's bytes in a safetensors file, for byte-exact copies; else None."""
+        m = self.tensors[name]
+        if m.file.suffix != ".safetensors":
+            return None
+        return self._mapped(m.file).fd, m.begin, m.end - m.begin
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        self._bin.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r}, {len(self.tensors)} tensors)"
+
+
+def open_checkpoint(ref: str, base_dir: Path | None = None) -> Checkpoint:
+    """Open a full checkpoint by path or cached hub id."""
+    return Checkpoint(resolve_model_path(ref, base_dir), ref)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()

@@ -1,0 +1,304 @@
+"""Sharded safetensors output written in place, tensor by tensor, with no shard buffer.
+
+Every output tensor's name, dtype and shape are known before merging starts, so the shard layout (which file,
+which byte range) is planned up front: each shard file is created with its final header and its full size
+reserved (``posix_fallocate``: a full disk is found before any work, where the file system supports it), and
+each tensor's bytes are written at their offset (``os.pwrite``) as soon as they are computed, from any thread,
+in any order. Unmerged tensors are copied byte for byte with ``os.copy_file_range`` (kernel-side, no user-space
+copy). :meth:`ShardedWriter.finalize` refuses to finish unless every planned tensor was written: no tensor is
+ever silently missing from the output.
+
+The writer works inside a temporary folder; :func:`commit_dir` renames it into place only on success, and
+:func:`discard_dir` removes it on failure, so a failed merge leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omnimerge.checkpoint.reader import DTYPE_CODES, element_size
+from omnimerge.errors import OutputError
+
+
+@dataclass
+class _Planned:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: int = 0
+    offset: int = 0  # absolute offset in the shard file
+    nbytes: int = 0
+    written: bool = False
+
+
+@dataclass
+class _Shard:
+    path: Path
+    names: list[str] = field(default_factory=list)
+    size: int = 0
+    fd: int = -1
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB', 1000000 -> bytes."""
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            num = s[: -len(u)]
+            try:
+                return int(float(num) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise OutputError(f"shard_size: cannot read '{size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
+
+
+def _write_all(fd: int, data: memoryview, offset: int, where: str) -> None:
+    view = data
+    while len(view):
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            raise _as_output_error(e, where) from None
+        if n <= 0:
+            raise OutputError(f"{where}: write returned {n}")
+        view = view[n:]
+        offset += n
+
+
+def _as_output_error(e: OSError, where: str) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{where}: the disk is full (no space left while writing the merged model)")
+    return OutputError(f"{where}: cannot write ({e.strerror or e})")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into safetensors shards under ``folder``.
+
+    Args:
+        folder: where the shards go (a temporary folder; see :func:`commit_dir`).
+        plan: (name, dtype, shape) of every output tensor, in output order.
+        max_shard_bytes: shard size limit (a single larger tensor gets a shard of its own).
+        prefix: file name stem (``model`` gives ``model.safetensors`` / ``model-00001-of-00003.safetensors``).
+        metadata: the safetensors ``__metadata__`` (``format: pt`` is added).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._lock = threading.Lock()
+        self.planned: dict[str, _Planned] = {}
+        groups: list[list[_Planned]] = [[]]
+        current = 0
+        for name, dtype, shape in plan:
+            if name in self.planned:
+                raise OutputError(f"tensor '{name}' planned twice for the output")
+            if dtype not in DTYPE_CODES:
+                raise OutputError(f"tensor '{name}': dtype {dtype} cannot be stored in safetensors")
+            p = _Planned(name, dtype, tuple(shape))
+            numel = 1
+            for s in p.shape:
+                numel *= s
+            p.nbytes = numel * element_size(dtype)
+            if groups[-1] and current + p.nbytes > max_shard_bytes:
+                groups.append([])
+                current = 0
+            groups[-1].append(p)
+            current += p.nbytes
+            self.planned[name] = p
+        n = len(groups)
+        self.shards: list[_Shard] = []
+        for i, g in enumerate(groups):
+            fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard = _Shard(self.folder / fname)
+            header: dict[str, object] = {"__metadata__": self.metadata}
+            pos = 0
+            for p in g:
+                p.shard = i
+                header[p.name] = {
+                    "dtype": DTYPE_CODES[p.dtype],
+                    "shape": list(p.shape),
+                    "data_offsets": [pos, pos + p.nbytes],
+                }
+                pos += p.nbytes
+                shard.names.append(p.name)
+            hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            hb += b" " * (-(len(hb) + 8) % 8)  # data start 8-byte aligned, as safetensors does
+            data_start = 8 + len(hb)
+            for p in g:
+                p.offset += data_start + int(header[p.name]["data_offsets"][0])  # type: ignore[index]
+            shard.size = data_start + pos
+            self.shards.append(shard)
+            self._create(shard, len(hb).to_bytes(8, "little") + hb)
+
+    def _create(self, shard: _Shard, head: bytes) -> None:
+        try:
+            shard.fd = os.open(shard.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            if shard.size and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(shard.fd, 0, shard.size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    os.ftruncate(shard.fd, shard.size)  # file system without fallocate
+            else:
+                os.ftruncate(shard.fd, shard.size)
+        except OSError as e:
+            raise _as_output_error(e, str(shard.path)) from None
+        _write_all(shard.fd, memoryview(head), 0, str(shard.path))
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def _slot(self, name: str, nbytes: int | None = None) -> _Planned:
+        p = self.planned.get(name)
+        if p is None:
+            raise OutputError(f"tensor '{name}' is not part of the planned output")
+        if nbytes is not None and nbytes != p.nbytes:
+            raise OutputError(f"tensor '{name}': {nbytes} bytes to write, {p.nbytes} planned")
+        return p
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (cast to its planned dtype if needed) at its planned place. Thread-safe."""
+        p = self._slot(name)
+        t = tensor
+        if t.dtype != p.dtype:
+            t = t.to(p.dtype)
+        if tuple(t.shape) != p.shape:
+            raise OutputError(f"tensor '{name}': shape {list(t.shape)} to write, {list(p.shape)} planned")
+        data = tensor_bytes(t)
+        shard = self.shards[p.shard]
+        _write_all(shard.fd, data, p.offset, str(shard.path))
+        p.written = True
+
+    def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from an input file descriptor into the tensor's slot, byte for byte."""
+        p = self._slot(name, nbytes)
+        shard = self.shards[p.shard]
+        dst, where = shard.fd, str(shard.path)
+        done = 0
+        use_cfr = hasattr(os, "copy_file_range")
+        while done < nbytes:
+            try:
+                if use_cfr:
+                    n = os.copy_file_range(src_fd, dst, nbytes - done, src_offset + done, p.offset + done)
+                else:
+                    raise OSError(errno.ENOSYS, "no copy_file_range")
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _as_output_error(e, where) from None
+                use_cfr = False
+                chunk = os.pread(src_fd, min(nbytes - done, 64 << 20), src_offset + done)
+                if not chunk:
+                    raise OutputError(f"{where}: input ended early while copying tensor '{name}'") from None
+                _write_all(dst, memoryview(chunk), p.offset + done, where)
+                n = len(chunk)
+            if n <= 0:
+                raise OutputError(f"{where}: input ended early while copying tensor '{name}'")
+            done += n
+        p.written = True
+
+    # -- finishing ---------------------------------------------------------------------------------------------
+    def finalize(self) -> list[Path]:
+        """Check that every planned tensor was written, flush, close; write the index for sharded output."""
+        missing = [p.name for p in self.planned.values() if not p.written]
+        if missing:
+            self.close()
+            raise OutputError(
+                f"internal error: {len(missing)} planned tensor(s) were never written, e.g. '{missing[0]}'"
+            )
+        for s in self.shards:
+            try:
+                os.fsync(s.fd)
+            except OSError as e:
+                raise _as_output_error(e, str(s.path)) from None
+        self.close()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(p.nbytes for p in self.planned.values())},
+                "weight_map": {n: s.path.name for s in self.shards for n in s.names},
+            }
+            idx_path = self.folder / f"{self.prefix}.safetensors.index.json"
+            try:
+                idx_path.write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as e:
+                raise _as_output_error(e, str(idx_path)) from None
+        return [s.path for s in self.shards]
+
+    def close(self) -> None:
+        for s in self.shards:
+            if s.fd >= 0:
+                os.close(s.fd)
+                s.fd = -1
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A fresh temporary folder beside ``target`` (same file system, so the final rename is atomic)."""
+    import tempfile
+
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.omnimerge-tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should look like any folder
+        return tmp
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished temporary folder to ``target``; an existing target is replaced only if allowed."""
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+        old = target.with_name(f".{target.name}.omnimerge-old-{os.getpid()}")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            os.replace(old, target)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, target)
+
+
+def discard_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)

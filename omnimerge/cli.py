@@ -1,0 +1,198 @@
+"""The ``omnimerge`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Merge fine-tuned (multimodal) LLMs into one model, and benchmark the merges.",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (base_model, models, merge_method, parameters, ...)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output folder (a Hugging Face checkpoint)")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a recipe key, e.g. --set parameters.scaling=0.5 (repeatable)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="where the math runs: cpu or cuda")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    workers: Annotated[int, typer.Option(help="tensors merged concurrently (0: automatic)")] = 0,
+    shard_size: Annotated[str | None, typer.Option(help="output shard size, e.g. 5GB (overrides the recipe)")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+) -> None:
+    """Merge the experts of RECIPE into OUTPUT."""
+    from omnimerge.api import merge as do_merge
+
+    overrides = list(set_ or [])
+    if shard_size:
+        overrides.append(f"shard_size={shard_size}")
+    report = do_merge(
+        recipe,
+        output,
+        overwrite=overwrite,
+        device=device,
+        workers=workers or None,
+        progress=not quiet,
+        overrides=overrides,
+        echo=lambda m: console.print(f"[yellow]note:[/] {m}"),
+    )
+    out.print(f"[green]done[/] {report.summary()}")
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="show one method's full documentation")] = None,
+) -> None:
+    """List every merge method with its parameters, defaults and paper."""
+    from omnimerge.methods import get_method, registry
+
+    if name:
+        m = get_method(name)
+        out.print(f"[bold]{m.name}[/]: {m.summary}\n[dim]{m.paper}[/] {m.url}\n")
+        out.print(m.doc + "\n")
+        out.print(_param_table([m]))
+        return
+    for m in sorted(registry().values(), key=lambda m: m.name):
+        out.print(f"[bold cyan]{m.name}[/] — {m.summary}\n  [dim]{m.paper}[/]")
+        out.print(_param_table([m]))
+
+
+def _param_table(ms: list) -> Table:  # type: ignore[type-arg]
+    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    t.add_column("parameter")
+    t.add_column("default")
+    t.add_column("range")
+    t.add_column("meaning")
+    for m in ms:
+        for p in m.params:
+            name = p.name + (" (per model)" if p.per_model else "")
+            default = "auto" if p.default is None else repr(p.default)
+            t.add_row(name, default, p.describe_range(), p.doc)
+    return t
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="a checkpoint folder, cached hub id, or PEFT adapter folder")],
+    tensors: Annotated[bool, typer.Option("--tensors", help="list every tensor with its component")] = False,
+) -> None:
+    """Print a checkpoint's components: tensor counts, parameters, dtypes, shapes."""
+    from omnimerge.checkpoint.reader import Checkpoint, resolve_model_path
+    from omnimerge.components import COMPONENTS, classify
+
+    folder = resolve_model_path(path)
+    if (folder / "adapter_config.json").is_file():
+        from omnimerge.checkpoint.lora import describe_adapter
+
+        out.print(describe_adapter(folder))
+        return
+    with Checkpoint(folder, path) as ck:
+        size = sum(f.stat().st_size for f in ck.files)
+        arch = ", ".join(ck.architectures) or "?"
+        out.print(
+            f"[bold]{path}[/]  model_type={ck.model_type or '?'}  architectures={arch}\n"
+            f"{len(ck.files)} weight file(s), {size / 1e6:.1f} MB, {len(ck.tensors)} tensors"
+        )
+        stats: dict[str, dict] = {}  # type: ignore[type-arg]
+        rows = []
+        for name, m in ck.tensors.items():
+            comp = classify(name, m.shape)
+            s = stats.setdefault(comp, {"n": 0, "params": 0, "dtypes": set(), "shapes": []})
+            s["n"] += 1
+            s["params"] += m.numel
+            s["dtypes"].add(str(m.dtype).replace("torch.", ""))
+            if len(s["shapes"]) < 3 and list(m.shape) not in s["shapes"]:
+                s["shapes"].append(list(m.shape))
+            rows.append((name, comp, m))
+        t = Table(header_style="bold")
+        for col in ("component", "tensors", "parameters", "dtypes", "example shapes"):
+            t.add_column(col)
+        total = sum(s["params"] for s in stats.values())
+        for comp in COMPONENTS:
+            if comp in stats:
+                s = stats[comp]
+                t.add_row(comp, str(s["n"]), f"{s['params']:,} ({100 * s['params'] / max(total, 1):.1f}%)",
+                          ", ".join(sorted(s["dtypes"])), " ".join(str(x) for x in s["shapes"]))
+        out.print(t)
+        if tensors:
+            tt = Table(header_style="bold")
+            for col in ("tensor", "component", "dtype", "shape"):
+                tt.add_column(col)
+            for name, comp, m in rows:
+                tt.add_row(name, comp, str(m.dtype).replace("torch.", ""), str(list(m.shape)))
+            out.print(tt)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where the example family and merges go")] = Path(
+        "omnimerge-demo"
+    ),
+    method: Annotated[str, typer.Option(help="merge method")] = "ties",
+) -> None:
+    """Build a small example family (a tiny Qwen2-VL base and three experts) and merge it."""
+    from omnimerge.examples import run_demo
+
+    run_demo(out_dir, method, echo=out.print)
+
+
+def _register_plugins() -> None:
+    try:
+        from omnimerge.bench.cli import register
+    except ImportError as e:  # the benchmark package is optional at import time only
+        if "omnimerge.bench" not in str(e):
+            raise
+        return
+    register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    """Entry point: user errors print one line (no traceback) and exit with status 2."""
+    from omnimerge.errors import OmniMergeError
+
+    try:
+        app(standalone_mode=False)
+    except OmniMergeError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            code = getattr(e, "code", 0)
+        sys.exit(code or 0)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

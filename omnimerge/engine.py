@@ -1,0 +1,479 @@
+"""The streaming merge engine.
+
+Plan, then stream:
+
+1. **Validate everything before touching a tensor**: the recipe against the method's declared parameters,
+   every input's headers (files, shapes, architecture), the output path.
+2. **Plan** one job per base tensor, in the base's file order: merged (selected by the recipe) or copied.
+   The output's shard layout is fixed from the plan (see :class:`~omnimerge.checkpoint.writer.ShardedWriter`).
+3. **Global passes** for methods that need statistics over all merged tensors (global TIES, OptMerge's
+   ``variant: auto``), streaming over the inputs.
+4. **Stream**: worker threads run jobs concurrently under a memory budget (about ``(T + 3)`` times the largest
+   merged tensor in the compute dtype); each job reads its inputs (memory-mapped), computes, and writes its
+   output bytes straight into the shard file. Copied tensors are copied byte for byte in the kernel.
+5. **Finish**: check every planned tensor was written, copy config/tokenizer/processor files, write the model
+   card (with the sha256 of every input file, hashed on a background thread), then rename the temporary folder
+   into place. Any failure removes the temporary folder: nothing is left at the output path.
+
+Results do not depend on the number of workers or their scheduling: each tensor is computed independently
+(randomised methods draw from a generator seeded by (seed, tensor name)) and written at a fixed place.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, write_model_card
+from omnimerge.checkpoint.reader import (
+    Checkpoint,
+    TensorMeta,
+    element_size,
+    open_checkpoint,
+    resolve_model_path,
+)
+from omnimerge.checkpoint.sources import ExpertSource, open_expert
+from omnimerge.checkpoint.writer import (
+    ShardedWriter,
+    commit_dir,
+    discard_dir,
+    make_temp_dir,
+    parse_size,
+)
+from omnimerge.components import Selector, classify
+from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
+from omnimerge.methods import MergeMethod, TensorContext, get_method
+from omnimerge.recipe import Recipe
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class Job:
+    """One output tensor."""
+
+    name: str
+    canonical: str
+    component: str
+    meta: TensorMeta
+    merged: bool
+    out_dtype: torch.dtype
+    cost: int = 0  # bytes of working memory this job needs
+
+
+@dataclass
+class MergeReport:
+    """What a merge did."""
+
+    output: Path
+    method: str
+    parameters: dict[str, Any]
+    seconds: float
+    merged: int
+    copied: int
+    input_bytes: int
+    output_bytes: int
+    shards: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    components: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        mb = self.input_bytes / 1e6
+        return (
+            f"{self.method}: merged {self.merged} tensors, copied {self.copied} from the base, "
+            f"{self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {self.output}"
+        )
+
+
+class _Budget:
+    """Bounds the working memory of jobs in flight (a job larger than the limit runs alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self.cond:
+            while self.used and self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class _Notes:
+    def __init__(self, echo: Callable[[str], None] | None) -> None:
+        self.seen: dict[str, None] = {}
+        self.echo = echo
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: str) -> None:
+        with self.lock:
+            if msg in self.seen:
+                return
+            self.seen[msg] = None
+        if self.echo:
+            self.echo(msg)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return dev
+
+
+class MergeRun:
+    """One merge: built from a validated recipe, executed by :meth:`run`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        output: str | Path,
+        *,
+        overwrite: bool = False,
+        device: str | torch.device | None = None,
+        workers: int | None = None,
+        progress: bool = False,
+        echo: Callable[[str], None] | None = None,
+        check_finite: bool = True,
+        hash_inputs: bool = True,
+    ) -> None:
+        self.recipe = recipe
+        self.output = Path(output).expanduser().absolute()
+        self.overwrite = overwrite
+        self.device = _device(device)
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.progress = progress
+        self.notes = _Notes(echo)
+        self.check_finite = check_finite
+        self.hash_inputs = hash_inputs
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        self.kwargs = self.method.resolve(recipe.parameters, [m.parameters for m in recipe.models])
+        self.compute_dtype = DTYPES[recipe.dtype]
+        self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+        self.selector = Selector(recipe.select.include, recipe.select.exclude)
+        self.shard_bytes = parse_size(recipe.shard_size)
+        if self.shard_bytes <= 0:
+            raise RecipeError(f"shard_size: must be positive, got {recipe.shard_size!r}")
+        if recipe.output == "lora" and recipe.rank is None:
+            raise RecipeError("rank: required with output: lora (the rank of the merged adapter)")
+        if self.output.exists() and not overwrite:
+            raise OutputError(f"{self.output}: already exists (use --overwrite to replace it)")
+        self.base: Checkpoint | None = None
+        self.experts: list[ExpertSource] = []
+
+    # -- opening and planning ---------------------------------------------------------------------------------
+    def _open(self) -> None:
+        r = self.recipe
+        self.base = open_checkpoint(r.base_model, r.base_path)
+        labels = []
+        for i, m in enumerate(r.models):
+            label = m.name or Path(m.model.rstrip("/")).name or f"model{i}"
+            if label in labels:
+                label = f"{label}#{i}"
+            labels.append(label)
+            self.experts.append(open_expert(m.model, self.base, r.base_path, label))
+        self.files_src = resolve_model_path(r.copy_files_from, r.base_path) if r.copy_files_from else self.base.path
+
+    def _plan(self) -> list[Job]:
+        assert self.base is not None
+        jobs: list[Job] = []
+        for name, meta in self.base.tensors.items():
+            comp = classify(name, meta.shape)
+            merged = self.selector.selects(name, comp) and meta.dtype.is_floating_point
+            if merged and meta.numel == 0:
+                merged = False
+            out_dtype = meta.dtype
+            if self.out_dtype is not None and meta.dtype.is_floating_point:
+                out_dtype = self.out_dtype
+            job = Job(name, self.base.canonical_of(name), comp, meta, merged, out_dtype)
+            if merged:
+                job.cost = (len(self.experts) + 3) * meta.numel * element_size(self.compute_dtype)
+            elif out_dtype != meta.dtype or self.base.raw_source(name) is None:
+                job.cost = 2 * meta.numel * max(element_size(out_dtype), element_size(meta.dtype))
+            else:
+                job.cost = 0
+            jobs.append(job)
+        if not any(j.merged for j in jobs):
+            raise RecipeError(
+                f"select: no tensor of the base '{self.recipe.base_model}' matches include="
+                f"{list(self.selector.include)} exclude={list(self.selector.exclude)} — nothing would be merged "
+                f"(run `omnimerge inspect {self.recipe.base_model}` to see its components)"
+            )
+        return jobs
+
+    # -- per-tensor work ----------------------------------------------------------------------------------------
+    def _inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[Any] | None]:
+        assert self.base is not None
+        base = self.base.read(job.name).to(device=self.device, dtype=self.compute_dtype, copy=True)
+        tvs: list[torch.Tensor] = []
+        factors: list[Any] = []
+        for src in self.experts:
+            tv, lr = src.task_vector(job.name, job.canonical, base, self.compute_dtype, self.device)
+            if tv is None:
+                tv = torch.zeros_like(base)
+            if self.check_finite and not bool(torch.isfinite(tv).all()):
+                self._raise_non_finite(job, src, base)
+            tvs.append(tv)
+            factors.append(lr)
+        return base, tvs, (factors if any(f is not None for f in factors) else None)
+
+    def _raise_non_finite(self, job: Job, src: ExpertSource, base: torch.Tensor) -> None:
+        assert self.base is not None
+        if not bool(torch.isfinite(base).all()):
+            raise NonFiniteTensorError(
+                f"base '{self.recipe.base_model}' ({job.meta.file}): tensor '{job.name}' holds NaN or Inf values"
+            )
+        raise NonFiniteTensorError(
+            f"expert '{src.ref}' ({src.path}): tensor '{job.name}' holds NaN or Inf values "
+            f"(or values so large that W - W0 overflows {self.recipe.dtype})"
+        )
+
+    def _context(self, job: Job, factors: list[Any] | None, stats: Any) -> TensorContext:
+        return TensorContext(
+            name=job.name,
+            canonical=job.canonical,
+            component=job.component,
+            num_models=len(self.experts),
+            factors=factors,
+            stats=stats,
+            log=self.notes,
+        )
+
+    def _merge_job(self, job: Job, writer: ShardedWriter, stats: Any) -> None:
+        base, tvs, factors = self._inputs(job)
+        ctx = self._context(job, factors, stats)
+        delta = self.method.fn(base, tvs, ctx, **self.kwargs)
+        del tvs
+        if tuple(delta.shape) != tuple(base.shape):
+            raise OmniMergeError(
+                f"method '{self.method.name}' returned shape {list(delta.shape)} for tensor '{job.name}' of shape "
+                f"{list(base.shape)}"
+            )
+        out = base.add_(delta.to(base.dtype))
+        del delta
+        writer.write(job.name, out.to(job.out_dtype))
+
+    def _copy_job(self, job: Job, writer: ShardedWriter) -> None:
+        assert self.base is not None
+        raw = self.base.raw_source(job.name)
+        if raw is not None and job.out_dtype == job.meta.dtype:
+            writer.copy_raw(job.name, *raw)
+        else:
+            writer.write(job.name, self.base.read(job.name).to(job.out_dtype))
+
+    def _global_stats(self, jobs: list[Job]) -> Any:
+        gp = self.method.global_pass
+        if gp is None or not gp.needed(self.kwargs):
+            return None
+        merged = [j for j in jobs if j.merged]
+        state = gp.init(len(self.experts), self.kwargs)
+        for p in range(gp.passes):
+            for job in self._progress_iter(merged, f"global pass {p + 1}/{gp.passes}"):
+                _base, tvs, factors = self._inputs(job)
+                gp.update(p, state, tvs, self._context(job, factors, None))
+            gp.finish(p, state)
+        return gp.result(state)
+
+    def _progress_iter(self, jobs: list[Job], label: str):  # type: ignore[no-untyped-def]
+        if not self.progress:
+            yield from jobs
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=True) as prog:
+            t = prog.add_task(label, total=len(jobs))
+            for j in jobs:
+                yield j
+                prog.advance(t)
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> MergeReport:
+        t0 = time.perf_counter()
+        tmp: Path | None = None
+        hasher: FileHasher | None = None
+        writer: ShardedWriter | None = None
+        try:
+            self._open()
+            assert self.base is not None
+            jobs = self._plan()
+            selected = [j.name for j in jobs if j.merged]
+            for src in self.experts:
+                for note in src.validate(self.base, selected):
+                    self.notes(note)
+            inputs = [("base", self.recipe.base_model, self.base.files + self._configs(self.base.path))]
+            inputs += [(f"expert {s.label}", s.ref, s.input_files()) for s in self.experts]
+            if self.hash_inputs:
+                hasher = FileHasher([f for _, _, fs in inputs for f in fs]).start()
+            stats = self._global_stats(jobs)
+            tmp = make_temp_dir(self.output)
+            if self.recipe.output == "lora":
+                from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output sink
+
+                report_extra = write_lora_output(self, jobs, tmp, stats)
+                shard_files: list[Path] = []
+            else:
+                writer = ShardedWriter(
+                    tmp,
+                    [(j.name, j.out_dtype, j.meta.shape) for j in jobs],
+                    self.shard_bytes,
+                    metadata={"omnimerge_method": self.method.name},
+                )
+                self._stream(jobs, writer, stats)
+                shard_files = writer.finalize()
+                writer = None
+                report_extra = {}
+            copy_auxiliary(self.files_src, tmp, self.recipe.out_dtype if self.recipe.output == "full" else None)
+            seconds = time.perf_counter() - t0
+            report = MergeReport(
+                output=self.output,
+                method=self.method.name,
+                parameters={k: v for k, v in self.kwargs.items()},
+                seconds=seconds,
+                merged=sum(j.merged for j in jobs),
+                copied=sum(not j.merged for j in jobs),
+                input_bytes=self._input_bytes(jobs),
+                output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
+                shards=[p.name for p in shard_files],
+                notes=list(self.notes.seen),
+                components=_component_counts(jobs),
+            )
+            for k, v in report_extra.items():
+                setattr(report, k, v)
+            digests = hasher.join() if hasher else {}
+            card_inputs = [
+                (role, ref, [(Path(f).name, digests.get(str(f), "not hashed")) for f in files])
+                for role, ref, files in inputs
+            ]
+            write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__)
+            commit_dir(tmp, self.output, self.overwrite)
+            tmp = None
+            report.seconds = time.perf_counter() - t0
+            return report
+        except KeyboardInterrupt:
+            raise
+        except OSError as e:
+            raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+            if hasher is not None:
+                hasher.cancel()
+            if tmp is not None:
+                discard_dir(tmp)
+            self.close()
+
+    @staticmethod
+    def _configs(folder: Path) -> list[Path]:
+        return [p for p in (folder / "config.json",) if p.is_file()]
+
+    def _input_bytes(self, jobs: list[Job]) -> int:
+        total = sum(j.meta.nbytes for j in jobs)
+        for src in self.experts:
+            total += sum(f.stat().st_size for f in src.input_files() if f.suffix != ".json")
+        return total
+
+    def _stream(self, jobs: list[Job], writer: ShardedWriter, stats: Any) -> None:
+        limit = max([j.cost for j in jobs] + [1])
+        budget = _Budget(limit)
+        total_bytes = sum(j.meta.nbytes for j in jobs) or 1
+        prog = None
+        task = None
+        if self.progress:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            prog = Progress(
+                TextColumn("[bold]merging[/] {task.fields[tensors]}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            prog.start()
+            task = prog.add_task("merge", total=total_bytes, tensors=f"0/{len(jobs)} tensors")
+        done = [0]
+        lock = threading.Lock()
+
+        def run_job(job: Job, reserved: int) -> None:
+            try:
+                if job.merged:
+                    self._merge_job(job, writer, stats)
+                else:
+                    self._copy_job(job, writer)
+            finally:
+                budget.release(reserved)
+                if prog is not None and task is not None:
+                    with lock:
+                        done[0] += 1
+                        prog.update(task, advance=job.meta.nbytes, tensors=f"{done[0]}/{len(jobs)} tensors")
+
+        try:
+            if self.workers <= 1:
+                for job in jobs:
+                    run_job(job, budget.acquire(job.cost))
+                return
+            futures: list[Future[None]] = []
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="omnimerge") as pool:
+                for job in jobs:
+                    reserved = budget.acquire(job.cost)
+                    futures.append(pool.submit(run_job, job, reserved))
+                    if any(f.done() and f.exception() for f in futures[-8:]):
+                        break
+                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in futures:
+                    if f.done() and f.exception() is not None:
+                        for g in futures:
+                            g.cancel()
+                        raise f.exception()  # type: ignore[misc]
+                wait(futures)
+                for f in futures:
+                    f.result()
+        finally:
+            if prog is not None:
+                prog.stop()
+
+    def close(self) -> None:
+        for s in self.experts:
+            s.close()
+        if self.base is not None:
+            self.base.close()
+
+
+def _component_counts(jobs: list[Job]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for j in jobs:
+        c = out.setdefault(j.component, {"tensors": 0, "merged": 0, "parameters": 0})
+        c["tensors"] += 1
+        c["merged"] += int(j.merged)
+        c["parameters"] += j.meta.numel
+    return out
