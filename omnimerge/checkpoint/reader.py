@@ -126,7 +126,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
         spans.append((b, e, name))
         out[name] = tm
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise CheckpointError(f"{path}: corrupt safetensors file: tensors '{n0}' and '{n1}' overlap")
     return out, {str(k): str(v) for k, v in meta.items()}
@@ -154,10 +154,8 @@ def resolve_model_path(ref: str, base_dir: Path | None = None) -> Path:
     for c in candidates:
         if c.is_dir():
             return c.resolve()
-        if c.is_file():
-            # a single weights file: its folder is the checkpoint
-            if WEIGHT_FILE.match(c.name):
-                return c.resolve().parent
+        if c.is_file() and WEIGHT_FILE.match(c.name):  # a single weights file: its folder is the checkpoint
+            return c.resolve().parent
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?", ref) is not None
     if looks_like_hub_id and not ref.startswith((".", "/")):
         repo, _, rev = ref.partition("@")
