@@ -44,6 +44,13 @@ def merge(
     from omnimerge.engine import MergeRun
 
     r = as_recipe(recipe, overrides)
+    if r.mode == "modality":
+        from omnimerge.modality import merge_modalities
+
+        return merge_modalities(
+            r, output, overwrite=overwrite, device=device, workers=workers, progress=progress, echo=echo,
+            check_finite=check_finite, hash_inputs=hash_inputs,
+        )
     return MergeRun(
         r,
         output,

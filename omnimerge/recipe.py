@@ -70,6 +70,10 @@ class Recipe(BaseModel):
     copy_files_from: str | None = None
     shard_size: int | str = "5GB"
     output: Literal["full", "lora"] = "full"
+    #: "capability": experts share the base's architecture (one merged model). "modality": experts of different
+    #: architectures share the base's language model; the LLM is merged and one checkpoint per expert
+    #: architecture is written, each with its own encoder/projector (see omnimerge.modality).
+    mode: Literal["capability", "modality"] = "capability"
     rank: int | None = Field(default=None, ge=1)
     #: folder that relative paths are resolved against (the recipe file's folder); not part of the YAML
     base_dir: str | None = Field(default=None, exclude=True)
