@@ -344,7 +344,10 @@ class MergeRun:
                 shard_files = writer.finalize()
                 writer = None
                 report_extra = {}
-            copy_auxiliary(self.files_src, tmp, self.recipe.out_dtype if self.recipe.output == "full" else None)
+            out_dtype_name = self.recipe.out_dtype if self.recipe.output == "full" else None
+            copy_auxiliary(self.base.path, tmp, out_dtype_name)
+            if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
+                copy_auxiliary(self.files_src, tmp, out_dtype_name)
             seconds = time.perf_counter() - t0
             report = MergeReport(
                 output=self.output,

@@ -67,6 +67,8 @@ class Recipe(BaseModel):
     select: Select = Field(default_factory=Select)
     dtype: DType = "float32"
     out_dtype: DType | None = None
+    #: a model whose config/tokenizer/processor/chat-template files are copied over the base's (e.g. an
+    #: instruct expert's chat template: the Qwen2-VL base has none)
     copy_files_from: str | None = None
     shard_size: int | str = "5GB"
     output: Literal["full", "lora"] = "full"

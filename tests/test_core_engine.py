@@ -206,3 +206,20 @@ def test_methods_and_inspect_commands(cli, fam: Path) -> None:  # type: ignore[n
     assert "golden_toy" in res.out
     res = cli("inspect", fam / "base", "--tensors")
     assert "model.visual.merger.mlp.0.weight" in res.out
+
+
+def test_copy_files_from_overlays_the_base_files(tmp_path: Path, fam: Path) -> None:
+    work = tmp_path / "m"
+    shutil.copytree(fam, work)
+    (work / "base" / "tokenizer.json").write_text('{"base": true}')
+    (work / "expert0" / "tokenizer.json").write_text('{"expert": true}')
+    (work / "expert0" / "chat_template.jinja").write_text("{{ messages }}")
+    r = {"base_model": str(work / "base"), "models": [{"model": str(work / "expert1")}],
+         "merge_method": "task_arithmetic", "copy_files_from": str(work / "expert0")}
+    omnimerge.merge(r, tmp_path / "out")
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"expert": True}
+    plain = {**r, "copy_files_from": None}
+    omnimerge.merge(plain, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "chat_template.jinja").exists()
+    assert json.loads((tmp_path / "out2" / "tokenizer.json").read_text()) == {"base": True}
