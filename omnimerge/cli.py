@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -65,12 +66,12 @@ def methods(
 
     if name:
         m = get_method(name)
-        out.print(f"[bold]{m.name}[/]: {m.summary}\n[dim]{m.paper}[/] {m.url}\n")
-        out.print(m.doc + "\n")
+        out.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n[dim]{escape(m.paper)}[/] {m.url}\n")
+        out.print(escape(m.doc) + "\n")
         out.print(_param_table([m]))
         return
     for m in sorted(registry().values(), key=lambda m: m.name):
-        out.print(f"[bold cyan]{m.name}[/] — {m.summary}\n  [dim]{m.paper}[/]")
+        out.print(f"[bold cyan]{m.name}[/] — {escape(m.summary)}\n  [dim]{escape(m.paper)}[/]")
         out.print(_param_table([m]))
 
 
@@ -84,7 +85,7 @@ def _param_table(ms: list) -> Table:  # type: ignore[type-arg]
         for p in m.params:
             name = p.name + (" (per model)" if p.per_model else "")
             default = "auto" if p.default is None else repr(p.default)
-            t.add_row(name, default, p.describe_range(), p.doc)
+            t.add_row(escape(name), escape(default), escape(p.describe_range()), escape(p.doc))
     return t
 
 
