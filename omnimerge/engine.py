@@ -21,6 +21,7 @@ Results do not depend on the number of workers or their scheduling: each tensor 
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -40,7 +41,7 @@ from omnimerge.checkpoint.reader import (
     open_checkpoint,
     resolve_model_path,
 )
-from omnimerge.checkpoint.sources import ExpertSource, open_expert
+from omnimerge.checkpoint.sources import ExpertSource, FullSource, open_expert
 from omnimerge.checkpoint.writer import (
     ShardedWriter,
     commit_dir,
@@ -52,6 +53,19 @@ from omnimerge.components import Selector, classify
 from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
 from omnimerge.methods import MergeMethod, TensorContext, get_method
 from omnimerge.recipe import Recipe
+
+#: elements per block in the fused elementwise path (the T + 2 float32 blocks stay in a core's L2 cache)
+FUSED_BLOCK = 1 << 16
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. One sum decides (NaN and Inf propagate into it, and it costs a
+    fraction of ``isfinite(t).all()``); only a non-finite sum (a NaN/Inf entry, or finite entries whose sum
+    overflows) falls back to the exact elementwise test."""
+    if t.is_floating_point() and math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -168,6 +182,9 @@ class MergeRun:
         self.check_finite = check_finite
         self.hash_inputs = hash_inputs
         self.method: MergeMethod = get_method(recipe.merge_method)
+        if self.method.output_kind == "online" and recipe.mode != "modality":  # see omnimerge.modality
+            raise RecipeError(f"merge_method: '{self.method.name}' keeps the experts' adapters apart (no merged "
+                              f"model); use it with mode: modality")
         self.kwargs = self.method.resolve(recipe.parameters, [m.parameters for m in recipe.models])
         self.compute_dtype = DTYPES[recipe.dtype]
         self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
@@ -232,7 +249,7 @@ class MergeRun:
             tv, lr = src.task_vector(job.name, job.canonical, base, self.compute_dtype, self.device)
             if tv is None:
                 tv = torch.zeros_like(base)
-            if self.check_finite and not bool(torch.isfinite(tv).all()):
+            if self.check_finite and not _all_finite(tv):
                 self._raise_non_finite(job, src, base)
             tvs.append(tv)
             factors.append(lr)
@@ -260,7 +277,79 @@ class MergeRun:
             log=self.notes,
         )
 
+    def _fusable(self) -> bool:
+        return (
+            bool(getattr(self.method.fn, "elementwise", False))
+            and self.device.type == "cpu"
+            and all(isinstance(s, FullSource) for s in self.experts)
+        )
+
+    def _merge_job_fused(self, job: Job, writer: ShardedWriter) -> bool:
+        """Elementwise methods from full checkpoints: stream the tensor in cache-sized blocks (read from the
+        page cache, convert, subtract, merge, add, convert, write each block) instead of making full-size
+        float32 copies. Every element goes through exactly the operations of the whole-tensor path, so the
+        output is bit-identical. Returns False, having written nothing final, when a block holds a non-finite
+        value: the whole-tensor path then runs and reports it exactly as before."""
+        assert self.base is not None
+        base_raw = self.base.read(job.name).reshape(-1)
+        raws = []
+        for src in self.experts:
+            assert isinstance(src, FullSource)
+            name = src.ckpt.find(job.canonical)
+            if name is None:
+                return False
+            raws.append(src.ckpt.read(name).reshape(-1))
+        ctx = self._context(job, None, None)
+        n, cd = base_raw.numel(), self.compute_dtype
+        threads = torch.get_num_threads()
+        if self.workers > 1 and threading.current_thread() is not threading.main_thread():
+            torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
+        try:
+            for s in range(0, n, FUSED_BLOCK):
+                e = min(n, s + FUSED_BLOCK)
+                b = base_raw[s:e].to(dtype=cd, copy=True)
+                tvs = [r[s:e].to(dtype=cd, copy=True).sub_(b) for r in raws]
+                if self.check_finite and not all(_all_finite(tv) for tv in tvs):
+                    return False
+                delta = self.method.fn(b, tvs, ctx, **self.kwargs)
+                del tvs
+                if tuple(delta.shape) != tuple(b.shape):
+                    raise OmniMergeError(
+                        f"method '{self.method.name}' returned shape {list(delta.shape)} for a block of tensor "
+                        f"'{job.name}' of shape {list(b.shape)}"
+                    )
+                out = b.add_(delta.to(b.dtype))
+                writer.write_part(job.name, out.to(job.out_dtype), s, e == n)
+        finally:
+            torch.set_num_threads(threads)
+        return True
+
+    def _release(self, job: Job) -> None:
+        """Unmap the job's input pages from the process (they stay in the page cache)."""
+        assert self.base is not None
+        self.base.release(job.name)
+        if job.merged:
+            for src in self.experts:
+                if isinstance(src, FullSource):
+                    name = src.ckpt.find(job.canonical)
+                    if name is not None:
+                        src.ckpt.release(name)
+
+    def _prefetch(self, job: Job) -> None:
+        """Start reading the job's inputs ahead (cold page cache: disk reads overlap with compute)."""
+        assert self.base is not None
+        if not job.merged:
+            return
+        self.base.prefetch(job.name)
+        for src in self.experts:
+            if isinstance(src, FullSource):
+                name = src.ckpt.find(job.canonical)
+                if name is not None:
+                    src.ckpt.prefetch(name)
+
     def _merge_job(self, job: Job, writer: ShardedWriter, stats: Any) -> None:
+        if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
+            return
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)
         delta = self.method.fn(base, tvs, ctx, **self.kwargs)
@@ -348,6 +437,8 @@ class MergeRun:
             copy_auxiliary(self.base.path, tmp, out_dtype_name)
             if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
                 copy_auxiliary(self.files_src, tmp, out_dtype_name)
+            if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
+                (tmp / "config.json").unlink(missing_ok=True)
             seconds = time.perf_counter() - t0
             report = MergeReport(
                 output=self.output,
@@ -433,6 +524,7 @@ class MergeRun:
                     self._merge_job(job, writer, stats)
                 else:
                     self._copy_job(job, writer)
+                self._release(job)
             finally:
                 budget.release(reserved)
                 if prog is not None and task is not None:
@@ -449,6 +541,7 @@ class MergeRun:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="omnimerge") as pool:
                 for job in jobs:
                     reserved = budget.acquire(job.cost)
+                    self._prefetch(job)
                     futures.append(pool.submit(run_job, job, reserved))
                     if any(f.done() and f.exception() for f in futures[-8:]):
                         break

@@ -331,6 +331,35 @@ class Checkpoint:
             return None
         return self._mapped(m.file).fd, m.begin, m.end - m.begin
 
+    def _advise(self, name: str, advice: int, inner: bool) -> None:
+        m = self.tensors.get(name)
+        if m is None or m.file.suffix != ".safetensors" or m.numel == 0:
+            return
+        mf = self._maps.get(m.file) if inner else self._mapped(m.file)
+        if mf is None or mf.mm is None:
+            return
+        page = mmap.PAGESIZE
+        # release: only the pages wholly inside the tensor (neighbours may be in use); prefetch: all it touches
+        start = -(-m.begin // page) * page if inner else m.begin // page * page
+        end = m.end // page * page if inner else min(-(-m.end // page) * page, len(mf.mm))
+        if end > start:
+            try:
+                mf.mm.madvise(advice, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read a tensor's bytes ahead (MADV_WILLNEED): disk reads overlap with compute."""
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self._advise(name, mmap.MADV_WILLNEED, inner=False)
+
+    def release(self, name: str) -> None:
+        """Unmap a tensor's pages from this process once it is merged (MADV_DONTNEED): the page cache keeps the
+        bytes, the resident set stays small. Safe because the private mapping is never written: a later read
+        faults the same file bytes back in."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._advise(name, mmap.MADV_DONTNEED, inner=True)
+
     def close(self) -> None:
         for m in self._maps.values():
             m.close()

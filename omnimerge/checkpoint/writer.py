@@ -203,6 +203,21 @@ class ShardedWriter:
         _write_all(shard.fd, data, p.offset, str(shard.path))
         p.written = True
 
+    def write_part(self, name: str, part: torch.Tensor, start: int, last: bool) -> None:
+        """Write the flat elements ``[start, start + part.numel())`` of tensor ``name`` (``part`` already in the
+        planned dtype); ``last`` marks the tensor complete. For streaming one tensor block by block."""
+        p = self._slot(name)
+        if part.dtype != p.dtype:
+            raise OutputError(f"tensor '{name}': part of dtype {part.dtype} to write, {p.dtype} planned")
+        esize = element_size(p.dtype)
+        data = tensor_bytes(part)
+        if start < 0 or start * esize + len(data) > p.nbytes:
+            raise OutputError(f"tensor '{name}': part [{start}, +{part.numel()}) lies outside the tensor")
+        shard = self.shards[p.shard]
+        _write_all(shard.fd, data, p.offset + start * esize, str(shard.path))
+        if last:
+            p.written = True
+
     def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` from an input file descriptor into the tensor's slot, byte for byte."""
         p = self._slot(name, nbytes)

@@ -7,6 +7,16 @@ Adding a method: write a function in a family file (or a new file) decorated wit
 from __future__ import annotations
 
 from omnimerge.errors import RecipeError
+
+# --- the registry: one import per family file ---------------------------------------------------------------
+from omnimerge.methods import (
+    knots,  # noqa: E402,F401  knots (KnOTS, LoRA merging in a shared SVD basis)
+    linear,  # noqa: E402,F401  weight_average, task_arithmetic
+    online,  # noqa: E402,F401  online_composition (modality mode)
+    spectral,  # noqa: E402,F401  tsv, iso_c, iso_cts
+    ties,  # noqa: E402,F401  ties, dare_ta, dare_ties
+    wudi,  # noqa: E402,F401  wudi, optmerge, swudi, aswudi
+)
 from omnimerge.methods.base import (
     GlobalPass,
     LowRank,
@@ -16,10 +26,6 @@ from omnimerge.methods.base import (
     merge_method,
     registry,
 )
-
-# --- the registry: one import per family file ---------------------------------------------------------------
-from omnimerge.methods import linear  # noqa: E402,F401  weight_average, task_arithmetic
-from omnimerge.methods import ties  # noqa: E402,F401  ties, dare_ta, dare_ties
 
 __all__ = [
     "GlobalPass",

@@ -41,6 +41,9 @@ def weight_average(
     return acc.div_(total)
 
 
+weight_average.elementwise = True  # type: ignore[attr-defined]  # the engine may merge it block by block
+
+
 @merge_method(
     "task_arithmetic",
     params=[scaling_param(0.3), WEIGHT],
@@ -63,3 +66,6 @@ def task_arithmetic(
     """
     acc = weighted_sum(task_vectors, weight)
     return acc.mul_(scaling) if scaling != 1.0 else acc
+
+
+task_arithmetic.elementwise = True  # type: ignore[attr-defined]  # the engine may merge it block by block
