@@ -106,10 +106,14 @@ class MergeReport:
 
     def summary(self) -> str:
         mb = self.input_bytes / 1e6
-        return (
-            f"{self.method}: merged {self.merged} tensors, copied {self.copied} from the base, "
-            f"{self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {self.output}"
+        lora = getattr(self, "lora_rank", None)
+        what = (
+            f"merged {self.merged} tensors into a rank-{lora} PEFT adapter ({getattr(self, 'lora_modules', 0)} "
+            f"LoRA modules)"
+            if lora is not None
+            else f"merged {self.merged} tensors, copied {self.copied} from the base"
         )
+        return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {self.output}"
 
 
 class _Budget:
@@ -460,7 +464,8 @@ class MergeRun:
                 (role, ref, [(Path(f).name, digests.get(str(f), "not hashed")) for f in files])
                 for role, ref, files in inputs
             ]
-            write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__)
+            write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__,
+                             library="peft" if self.recipe.output == "lora" else "transformers")
             commit_dir(tmp, self.output, self.overwrite)
             tmp = None
             report.seconds = time.perf_counter() - t0

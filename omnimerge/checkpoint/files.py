@@ -101,13 +101,14 @@ def write_model_card(
     method: Any,
     inputs: list[tuple[str, str, list[tuple[str, str]]]],
     report: dict[str, Any],
+    library: str = "transformers",
 ) -> None:
     """README.md with YAML front matter, the method and its paper, every input file's sha256, the recipe."""
     base_refs = [ref for role, ref, _ in inputs if role == "base"]
-    lines = ["---", "library_name: transformers", "tags:", "- omnimerge", "- merge"]
+    lines = ["---", f"library_name: {library}", "tags:", "- omnimerge", "- merge"]
     if base_refs and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base_refs[0]):
         lines += ["base_model:", f"- {base_refs[0]}"]
-    lines += ["---", "", "# Merged model", ""]
+    lines += ["---", "", "# Merged adapter" if library == "peft" else "# Merged model", ""]
     lines += [
         f"Merged with [omnimerge](https://pypi.org/project/omnimerge/) using **{method.name}**: {method.summary}",
         "",
