@@ -612,7 +612,7 @@ class _OnlineComposition(_ModalityMerge):
             manifest = report.manifest
             manifest["adapters"] = adapters
             manifest["activate"] = list(adapters)
-            manifest["shared"]["names"] = sorted(selected)
+            manifest["shared"].update(tensors=len(selected), names=sorted(selected))
             manifest["usage"] = (
                 "Load the modality model OUT/<label>, then every adapter under OUT/adapters/ (peft "
                 "PeftModel.from_pretrained / load_adapter, one adapter name each) and activate all of them at once "
