@@ -389,7 +389,7 @@ def test_non_matrix_and_zero_task_vectors():
 
 
 def test_swudi_matches_reference_closed_form():
-    for shape in ((12, 10), (4, 30)):  # eigh of C / SVD of the stacked task vectors (T m < n)
+    for shape in ((12, 10), (4, 30)):  # eigh of C / SVD of the stacked task vectors (T m <= n / 2)
         tvs = dense_tvs(3, *shape, seed=16)
         n = shape[1]
         K = max(1, int((n * 0.65 + 0.999) // 1))

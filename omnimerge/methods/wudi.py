@@ -589,12 +589,13 @@ class Spectrum:
 
 
 def wudi_spectrum(tvs: Sequence[torch.Tensor], norms: Sequence[float]) -> Spectrum:
-    """Eigen-decomposition of WUDI's C and the projection D V, without n x n work when T m < n.
+    """Eigen-decomposition of WUDI's C and the projection D V, without n x n work when T m <= n / 2.
 
-    n <= T m: C and D are formed (small-side Grams) and C is diagonalised by ``eigh``, as the reference.
-    n > T m: C = X^T X with X = [tau_i / sqrt(n_i)] (T m x n), so its eigen-pairs come from the economy SVD
-    of X (rank <= T m); the other n - T m eigenvalues are exactly 0 and their directions carry neither
-    theta_0 nor D (both have rows in the span of the tau_i), so they drop out of the filter formula.
+    T m > n / 2: C and D are formed (small-side Grams) and C is diagonalised by ``eigh``, as the reference.
+    T m <= n / 2: C = X^T X with X = [tau_i / sqrt(n_i)] (T m x n), so its eigen-pairs come from the economy
+    SVD of X (rank <= T m, cheaper than an n x n ``eigh`` when T m is well below n); the other n - T m
+    eigenvalues are exactly 0 and their directions carry neither theta_0 nor D (both have rows in the span
+    of the tau_i), so they drop out of the filter formula.
     """
     m, n = tvs[0].shape
     T = len(tvs)
@@ -604,7 +605,7 @@ def wudi_spectrum(tvs: Sequence[torch.Tensor], norms: Sequence[float]) -> Spectr
             D.add_((tv @ tv.T) @ tv, alpha=1.0 / nn)
         else:
             D.add_(tv @ (tv.T @ tv), alpha=1.0 / nn)
-    if n <= T * m:
+    if 2 * T * m > n:
         C = torch.zeros(n, n, dtype=tvs[0].dtype, device=tvs[0].device)
         for tv, nn in zip(tvs, norms, strict=True):
             C.add_(tv.T @ tv, alpha=1.0 / nn)
@@ -719,7 +720,8 @@ def swudi(
     K = ceil(n * truncate_rank_ratio) eigen-directions;
     theta = theta_0 - theta_0 V diag(f) V^T + D V diag(f / lambda) V^T with theta_0 = sum_i tau_i;
     W = W0 + lambda_scale theta.  MLLMerging ``swudi_aswudi.py:swudi_merge`` (defaults of ``run_merge.py``:
-    t = 300, ratio 0.65). When T m < n the eigen-pairs come from an SVD of the stacked task vectors (exact).
+    t = 300, ratio 0.65). When T m <= n / 2 the eigen-pairs come from an SVD of the stacked task vectors
+    (exact).
     Non-matrix parameters and the lm_head: mean task vector.
     """
     if not is_matrix(ctx, task_vectors[0]):
