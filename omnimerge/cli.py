@@ -37,6 +37,9 @@ def merge(
     workers: Annotated[int, typer.Option(help="tensors merged concurrently (0: automatic)")] = 0,
     shard_size: Annotated[str | None, typer.Option(help="output shard size, e.g. 5GB (overrides the recipe)")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+    hash_inputs: Annotated[
+        bool, typer.Option("--hash/--no-hash", help="record the sha256 of every input file in the model card")
+    ] = True,
 ) -> None:
     """Merge the experts of RECIPE into OUTPUT."""
     from omnimerge.api import merge as do_merge
@@ -53,6 +56,7 @@ def merge(
         progress=not quiet,
         overrides=overrides,
         echo=lambda m: console.print(f"[yellow]note:[/] {m}"),
+        hash_inputs=hash_inputs,
     )
     out.print(f"[green]done[/] {report.summary()}")
 

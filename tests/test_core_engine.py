@@ -223,3 +223,21 @@ def test_copy_files_from_overlays_the_base_files(tmp_path: Path, fam: Path) -> N
     omnimerge.merge(plain, tmp_path / "out2")
     assert not (tmp_path / "out2" / "chat_template.jinja").exists()
     assert json.loads((tmp_path / "out2" / "tokenizer.json").read_text()) == {"base": True}
+
+
+def test_digest_cache_reuses_and_invalidates(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from omnimerge.checkpoint import files
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc" * 1000)
+    cache = files.DigestCache(tmp_path / "c.json")
+    first = files.FileHasher([f], cache).start().join()[str(f)]
+    assert first == hashlib.sha256(b"abc" * 1000).hexdigest()
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, algo: reads.append(1) or real(fh, algo))
+    again = files.FileHasher([f], files.DigestCache(tmp_path / "c.json")).start().join()[str(f)]
+    assert again == first and not reads, "an unchanged file is not read again"
+    f.write_bytes(b"abd" * 1000)
+    changed = files.FileHasher([f], files.DigestCache(tmp_path / "c.json")).start().join()[str(f)]
+    assert changed == hashlib.sha256(b"abd" * 1000).hexdigest() and reads

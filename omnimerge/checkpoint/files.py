@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -61,12 +62,69 @@ def _cached_sha256(p: Path) -> str | None:
     return None
 
 
-class FileHasher:
-    """sha256 of the input files, computed on a background thread while the merge runs."""
+def cache_dir() -> Path:
+    """omnimerge's cache folder: $OMNIMERGE_CACHE, else $XDG_CACHE_HOME/omnimerge, else ~/.cache/omnimerge."""
+    env = os.environ.get("OMNIMERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "omnimerge"
 
-    def __init__(self, files: list[Path]) -> None:
+
+class DigestCache:
+    """Remembers the sha256 of files by (path, size, mtime, inode), so that merging the same inputs again
+    (a lambda sweep, a method comparison) does not read them all once more just to hash them. A file that
+    changed in any of these respects is hashed anew. Best effort: an unreadable cache is ignored."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "sha256-cache.json"
+        self.entries: dict[str, str] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                self.entries = {str(k): str(v) for k, v in data.items()}
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    def key(p: Path) -> str | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+    def get(self, p: Path) -> str | None:
+        k = self.key(p)
+        return self.entries.get(k) if k else None
+
+    def put(self, p: Path, digest: str) -> None:
+        k = self.key(p)
+        if k:
+            self.entries[k] = digest
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
+class FileHasher:
+    """sha256 of the input files, computed on a background thread while the merge runs (hub-cache blobs are
+    named by their sha256; files hashed before are looked up in a :class:`DigestCache`)."""
+
+    def __init__(self, files: list[Path], cache: DigestCache | None = None) -> None:
         self.files = list(dict.fromkeys(files))
         self.result: dict[str, str] = {}
+        self.cache = cache if cache is not None else DigestCache()
         self._thread = threading.Thread(target=self._run, name="omnimerge-hash", daemon=True)
         self._stop = False
 
@@ -78,17 +136,19 @@ class FileHasher:
         for f in self.files:
             if self._stop:
                 return
-            digest = _cached_sha256(f)
+            digest = _cached_sha256(f) or self.cache.get(f)
             if digest is None:
                 try:
                     with open(f, "rb") as fh:
                         digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                    self.cache.put(f, digest)
                 except OSError:
                     digest = "unreadable"
             self.result[str(f)] = digest
 
     def join(self) -> dict[str, str]:
         self._thread.join()
+        self.cache.save()
         return self.result
 
     def cancel(self) -> None:
