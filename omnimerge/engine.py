@@ -297,33 +297,50 @@ class MergeRun:
         assert self.base is not None
         base_raw = self.base.read(job.name).reshape(-1)
         raws = []
+        mapped = [(self.base, job.name)]
         for src in self.experts:
             assert isinstance(src, FullSource)
             name = src.ckpt.find(job.canonical)
             if name is None:
                 return False
             raws.append(src.ckpt.read(name).reshape(-1))
+            mapped.append((src.ckpt, name))
         ctx = self._context(job, None, None)
         n, cd = base_raw.numel(), self.compute_dtype
         threads = torch.get_num_threads()
+        released = 0
+        exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
+        obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
         if self.workers > 1 and threading.current_thread() is not threading.main_thread():
             torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
         try:
             for s in range(0, n, FUSED_BLOCK):
                 e = min(n, s + FUSED_BLOCK)
                 b = base_raw[s:e].to(dtype=cd, copy=True)
-                tvs = [r[s:e].to(dtype=cd, copy=True).sub_(b) for r in raws]
-                if self.check_finite and not all(_all_finite(tv) for tv in tvs):
+                # r - b with r converted exactly to cd inside the kernel (one pass, no converted copy)
+                tvs = [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
+                       for i, r in enumerate(raws)]
+                try:
+                    delta = self.method.fn(b, tvs, ctx, **self.kwargs)
+                except Exception:  # noqa: BLE001 - the whole-tensor path raises it, checks first
                     return False
-                delta = self.method.fn(b, tvs, ctx, **self.kwargs)
                 del tvs
+                # elementwise methods propagate a NaN/Inf of any task vector into the delta: one check
+                if self.check_finite and not _all_finite(delta):
+                    return False
                 if tuple(delta.shape) != tuple(b.shape):
                     raise OmniMergeError(
                         f"method '{self.method.name}' returned shape {list(delta.shape)} for a block of tensor "
                         f"'{job.name}' of shape {list(b.shape)}"
                     )
-                out = b.add_(delta.to(b.dtype))
-                writer.write_part(job.name, out.to(job.out_dtype), s, e == n)
+                # b + delta in cd, rounded once more to the output dtype on store: as b.add_(delta).to(out)
+                out = torch.add(b, delta.to(b.dtype), out=obuf[: e - s]) if obuf is not None else \
+                    b.add_(delta.to(b.dtype)).to(job.out_dtype)
+                writer.write_part(job.name, out, s, e == n)
+                if (s // FUSED_BLOCK) % 32 == 31:  # unmap what was read since: a small resident set
+                    for ck, nm in mapped:
+                        ck.release(nm, released, e)
+                    released = e
         finally:
             torch.set_num_threads(threads)
         return True

@@ -51,7 +51,7 @@ WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ class Checkpoint:
             return None
         return self._mapped(m.file).fd, m.begin, m.end - m.begin
 
-    def _advise(self, name: str, advice: int, inner: bool) -> None:
+    def _advise(self, name: str, advice: int, inner: bool, first: int = 0, stop: int | None = None) -> None:
         m = self.tensors.get(name)
         if m is None or m.file.suffix != ".safetensors" or m.numel == 0:
             return
@@ -339,11 +339,14 @@ class Checkpoint:
         if mf is None or mf.mm is None:
             return
         page = mmap.PAGESIZE
-        # release: only the pages wholly inside the tensor (neighbours may be in use); prefetch: all it touches
-        start = -(-m.begin // page) * page if inner else m.begin // page * page
-        end = m.end // page * page if inner else min(-(-m.end // page) * page, len(mf.mm))
+        es = element_size(m.dtype)
+        b = m.begin + first * es
+        e = m.end if stop is None else min(m.end, m.begin + stop * es)
+        # release: only the pages wholly inside the range (neighbours may be in use); prefetch: all it touches
+        start = -(-b // page) * page if inner else b // page * page
+        end = e // page * page if inner else min(-(-e // page) * page, len(mf.mm))
         if end > start:
-            try:
+            try:  # noqa: SIM105 - advice only: a refusal is ignored
                 mf.mm.madvise(advice, start, end - start)
             except (OSError, ValueError):
                 pass
@@ -353,12 +356,12 @@ class Checkpoint:
         if hasattr(mmap, "MADV_WILLNEED"):
             self._advise(name, mmap.MADV_WILLNEED, inner=False)
 
-    def release(self, name: str) -> None:
-        """Unmap a tensor's pages from this process once it is merged (MADV_DONTNEED): the page cache keeps the
-        bytes, the resident set stays small. Safe because the private mapping is never written: a later read
-        faults the same file bytes back in."""
+    def release(self, name: str, first: int = 0, stop: int | None = None) -> None:
+        """Unmap a tensor's pages (its flat elements ``[first, stop)``; all by default) from this process once
+        merged (MADV_DONTNEED): the page cache keeps the bytes, the resident set stays small. Safe because the
+        private mapping is never written: a later read faults the same file bytes back in."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            self._advise(name, mmap.MADV_DONTNEED, inner=True)
+            self._advise(name, mmap.MADV_DONTNEED, True, first, stop)
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -41,7 +41,9 @@ def weight_average(
     return acc.div_(total)
 
 
-weight_average.elementwise = True  # type: ignore[attr-defined]  # the engine may merge it block by block
+# ``elementwise``: the engine may merge it block by block (each output element depends only on the same element
+# of the inputs, and a NaN/Inf in any task vector reaches the delta)
+weight_average.elementwise = True  # type: ignore[attr-defined]
 
 
 @merge_method(
@@ -68,4 +70,4 @@ def task_arithmetic(
     return acc.mul_(scaling) if scaling != 1.0 else acc
 
 
-task_arithmetic.elementwise = True  # type: ignore[attr-defined]  # the engine may merge it block by block
+task_arithmetic.elementwise = True  # type: ignore[attr-defined]  # see weight_average.elementwise

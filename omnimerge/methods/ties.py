@@ -53,9 +53,9 @@ def kth_smallest(a: torch.Tensor, k: int) -> torch.Tensor:
     """``a.kthvalue(k).values`` of a 1-D tensor, exactly, by selection in a bracket instead of over all of it.
 
     A strided sample of ~64K entries brackets the k-th value [lo, hi] (a margin of many standard deviations
-    of the sample quantile); the entries below lo are counted and only those inside the bracket (a few
-    percent) go to ``kthvalue``. The bracket is verified (count below < k <= count below + count inside); if
-    it misses, the full ``kthvalue`` runs. The result is the same element either way.
+    of the sample quantile). Counts of the entries at or below lo and below hi then place the k-th value
+    exactly: at lo, at hi, or strictly inside, where the few percent of entries are sorted. If the bracket
+    misses, the full ``kthvalue`` runs. The result is the same value either way.
     """
     n = a.numel()
     if n <= 1 << 18:
@@ -68,18 +68,23 @@ def kth_smallest(a: torch.Tensor, k: int) -> torch.Tensor:
     lo_i, hi_i = int(q * m - margin), int(q * m + margin) + 1
     lo = sample[lo_i] if lo_i >= 0 else None
     hi = sample[hi_i] if hi_i < m else None
-    below = int((a < lo).sum()) if lo is not None else 0
-    if lo is None and hi is None:
-        return a.kthvalue(k).values
-    if lo is None:
-        inside = a[a <= hi]
-    elif hi is None:
-        inside = a[a >= lo]
+    # counts decide exactly where the k-th value lies; ties (common in bf16-derived deltas) often settle it
+    # at lo or hi outright, and the strictly-inside rest is small enough to sort
+    # (direct counts, not n - count: NaN compares false everywhere and kthvalue ranks it above every number)
+    above_lo = a > lo if lo is not None else None
+    upto_lo = int(torch.count_nonzero(a <= lo)) if lo is not None else 0
+    if k <= upto_lo:
+        return lo if k > int(torch.count_nonzero(a < lo)) else a.kthvalue(k).values  # else: bracket missed
+    below_hi = a < hi if hi is not None else None
+    if below_hi is not None and k > int(torch.count_nonzero(below_hi)):
+        return hi if k <= int(torch.count_nonzero(a <= hi)) else a.kthvalue(k).values  # else: bracket missed
+    if above_lo is None:
+        inside = a[below_hi] if below_hi is not None else a
     else:
-        inside = a[(a >= lo) & (a <= hi)]
-    if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
-    return a.kthvalue(k).values
+        inside = a[above_lo.logical_and_(below_hi) if below_hi is not None else above_lo]
+    if k - upto_lo > inside.numel():  # NaN entries (ranked last by kthvalue) or a missed bracket
+        return a.kthvalue(k).values
+    return inside.sort().values[k - upto_lo - 1]
 
 
 def trim_(tv: torch.Tensor, threshold: float | None) -> torch.Tensor:
