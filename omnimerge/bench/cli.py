@@ -1,0 +1,150 @@
+"""CLI commands of the benchmark: ``bench``, ``eval MODEL --suite mini`` and ``zoo build|info``.
+
+The core CLI calls :func:`register`; nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from omnimerge.errors import OmniMergeError
+
+
+class BenchError(OmniMergeError):
+    """The zoo's calibration or the bench's discrimination check failed (the CLI prints it, exit status 2)."""
+
+
+def _env() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=150)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def bench(
+    out: Path = typer.Option(Path("bench-results"), "--out", help="folder for results.json/csv/md and plots"),
+    methods: str = typer.Option("", "--methods", help="comma-separated methods (default: every registered one)"),
+    families: str = typer.Option("full,lora", "--families", help="expert families: full, lora"),
+    quick: bool = typer.Option(False, "--quick", help="CI-size run: tiny zoo, few examples (checks not enforced)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the zoo even if a cached one matches"),
+    suite: str = typer.Option("mini", "--suite", help="mini (the five capability tasks) or modality "
+                              "(vision/audio/video experts on one LLM, and joint tasks)"),
+) -> None:
+    """Run the miniature MLLM merging benchmark (builds or reuses the zoo first)."""
+    _env()
+    if suite == "modality":
+        from omnimerge.bench.modality_cli import bench_modality
+
+        bench_modality(out, _split(methods), quick, rebuild)
+        return
+    if suite != "mini":
+        raise typer.BadParameter(f"unknown suite {suite!r} (known: mini, modality)")
+    from omnimerge.bench.runner import run_bench
+
+    console = _console()
+    try:
+        run_bench(out, methods=_split(methods), families=_split(families) or ["full", "lora"], quick=quick,
+                  rebuild=rebuild, console=console)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    console.print(f"results written to {out}/ (results.json, results.csv, results.md, *.png)")
+
+
+def eval_cmd(
+    model: Path = typer.Argument(..., help="checkpoint folder (or peft adapter folder)"),
+    suite: str = typer.Option("mini", "--suite", help="evaluation suite (only 'mini')"),
+    split: str = typer.Option("test", "--split", help="test or validation"),
+    n: int = typer.Option(500, "--n", help="examples per task"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the scores as JSON here"),
+) -> None:
+    """Evaluate a checkpoint on the mini suite (the bench's five tasks)."""
+    _env()
+    if suite != "mini":
+        raise typer.BadParameter(f"unknown suite {suite!r} (known: mini)")
+    import json
+
+    import torch
+    from rich.table import Table
+
+    from omnimerge.bench import TASKS
+    from omnimerge.bench.data import TASK_TITLES
+    from omnimerge.bench.evaluate import build_suite, evaluate, mean_score
+    from omnimerge.bench.model import Encoder, load_model
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    enc = Encoder()
+    m = load_model(model)
+    res = evaluate(m, build_suite(split, n, 0, enc), enc)
+    mean, se = mean_score(res)
+    tab = Table(title=f"{model} on the mini suite ({split}, {n} per task, % ± s.e.)")
+    for t in TASKS:
+        tab.add_column(TASK_TITLES[t], justify="right")
+    tab.add_column("Avg.", justify="right")
+    tab.add_row(*[f"{100 * res[t]['score']:.1f}±{100 * res[t]['se']:.1f}" for t in TASKS], f"{100 * mean:.1f}±{100 * se:.1f}")
+    _console().print(tab)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"model": str(model), "split": split, "scores": res, "mean": mean,
+                                        "mean_se": se}, indent=1))
+
+
+zoo_app = typer.Typer(help="The benchmark's model zoo (base, experts, mixture model).", no_args_is_help=True)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    quick: bool = typer.Option(False, "--quick", help="the CI-size zoo"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild even if cached"),
+) -> None:
+    """Train (or reuse) the zoo and print its calibration matrix."""
+    _env()
+    from omnimerge.bench.zoo import ZooConfig, build_zoo, print_calibration
+
+    console = _console()
+    cfg = ZooConfig.quick_config() if quick else ZooConfig()
+    try:
+        zoo = build_zoo(cfg, rebuild=rebuild, console=console)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    info = zoo.info()
+    if not zoo.built:  # a fresh build has printed it already
+        print_calibration(info, console)
+    t = info.get("timings", {})
+    console.print(f"zoo at {zoo.root}; build times: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+
+
+@zoo_app.command("info")
+def zoo_info(quick: bool = typer.Option(False, "--quick", help="the CI-size zoo")) -> None:
+    """Where the zoo is cached, its config and calibration."""
+    _env()
+    from omnimerge.bench.zoo import Zoo, ZooConfig, print_calibration
+
+    console = _console()
+    zoo = Zoo(ZooConfig.quick_config() if quick else ZooConfig())
+    if not zoo.exists():
+        raise BenchError(f"no zoo built at {zoo.root} (run `omnimerge zoo build{' --quick' if quick else ''}`)")
+    print_calibration(zoo.info(), console)
+    console.print(f"zoo at {zoo.root}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench``, ``eval`` and the ``zoo`` sub-commands to the omnimerge CLI."""
+    app.command("bench")(bench)
+    app.command("eval")(eval_cmd)
+    app.add_typer(zoo_app, name="zoo")

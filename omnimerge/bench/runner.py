@@ -1,0 +1,216 @@
+"""``omnimerge bench``: merge the zoo's experts with every registered method and score the merges.
+
+For each family (``full``, ``lora``) the bench evaluates the base, the experts and the mixture model (their test
+scores come from the zoo build, which evaluated them on the same test split), then for every registered method:
+
+1. merges the five experts through ``omnimerge.merge`` (with ``scaling = 1`` if the method has a lambda);
+2. for methods with a ``scaling`` parameter, forms ``W0 + lambda (W1 - W0)`` in memory for every lambda of the
+   paper's grid {0.1, 0.3, 0.5, 0.7, 1.0, 1.5} and keeps the lambda with the best mean on the *validation*
+   split;
+3. reports the *test* scores at that lambda, with binomial standard errors, and the normalised accuracy
+   (merged / individual expert, averaged over tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omnimerge.bench import TASKS
+from omnimerge.bench.zoo import Zoo, ZooConfig, build_zoo
+
+FAMILIES = ("full", "lora")
+#: discrimination: the best merge must beat the base's mean by this much (full mode)
+MIN_MERGE_GAIN = 0.10
+
+
+def _mean(res: dict[str, Any]) -> tuple[float, float]:
+    from omnimerge.bench.evaluate import mean_score
+
+    return mean_score({t: res[t] for t in TASKS})
+
+
+def _row(name: str, kind: str, res: dict[str, Any], experts: dict[str, float], **extra: Any) -> dict[str, Any]:
+    mean, se = _mean(res)
+    norm = [res[t]["score"] / experts[t] for t in TASKS if experts[t] > 0]  # tasks no expert solves: left out
+    row = {
+        "name": name,
+        "kind": kind,
+        "scores": {t: {k: res[t][k] for k in ("score", "se", "n")} for t in TASKS},
+        "mean": mean,
+        "mean_se": se,
+        "normalized": sum(norm) / len(norm) if norm else float("nan"),
+    }
+    row.update(extra)
+    return row
+
+
+def select_methods(names: Sequence[str] | None) -> list[Any]:
+    from omnimerge.methods import get_method, registry
+
+    reg = registry()
+    if not names:
+        return [m for _, m in sorted(reg.items()) if getattr(m, "output_kind", "dense") == "dense"]
+    return [get_method(n) for n in names]
+
+
+def run_bench(
+    out: str | Path = "bench-results",
+    methods: Sequence[str] | None = None,
+    families: Sequence[str] = FAMILIES,
+    quick: bool = False,
+    rebuild: bool = False,
+    console: Any = None,
+    zoo_root: str | Path | None = None,
+    enforce: bool | None = None,
+) -> dict[str, Any]:
+    """Run the bench; write results.json / results.csv / results.md / PNG plots into ``out``; return the results."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from omnimerge.bench import report
+    from omnimerge.bench.evaluate import build_suite, evaluate
+    from omnimerge.bench.merging import (
+        DEFAULT_SELECT,
+        LAMBDA_GRID,
+        has_core_merge,
+        has_scaling,
+        interpolate,
+        lora_inputs,
+        make_recipe,
+        merge_to_dir,
+    )
+    from omnimerge.bench.model import Encoder, load_model
+
+    console = console or Console()
+    enforce = (not quick) if enforce is None else enforce
+    for f in families:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family {f!r} (known: {', '.join(FAMILIES)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    cfg = ZooConfig.quick_config() if quick else ZooConfig()
+    t0 = time.perf_counter()
+    zoo: Zoo = build_zoo(cfg, rebuild=rebuild, root=zoo_root, console=console)
+    zoo_seconds = time.perf_counter() - t0
+    info = zoo.info()
+    meths = select_methods(methods)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    enc = Encoder()
+    val = build_suite("validation", cfg.n_val, cfg.seed + 17, enc)
+    test = build_suite("test", cfg.n_test, cfg.seed, enc)
+    results: dict[str, Any] = {
+        "config": {"zoo_key": cfg.key(), "quick": quick, "lambda_grid": list(LAMBDA_GRID), "select": DEFAULT_SELECT,
+                   "n_val": cfg.n_val, "n_test": cfg.n_test, "tasks": list(TASKS), "zoo_root": str(zoo.root)},
+        "merge_engine": "omnimerge.merge" if has_core_merge() else "in-memory",
+        "zoo_calibration": info["calibration"],
+        "zoo_scores": info["scores"],
+        "zoo_timings": info.get("timings", {}),
+        "families": {},
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="omnimerge-bench-"))
+    n_units = sum(len(LAMBDA_GRID) + 1 if has_scaling(m) else 2 for m in meths) * len(families)
+    try:
+        with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as prog:
+            bar = prog.add_task("bench", total=n_units)
+            base_model = load_model(zoo.base_dir)
+            base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
+            for fam in families:
+                scores = info["scores"]
+                experts_own = {t: scores[f"{fam}/{t}"][t]["score"] for t in TASKS}
+                rows = [_row("Base", "reference", scores["base"], experts_own)]
+                indiv = {t: scores[f"{fam}/{t}"][t] for t in TASKS}
+                rows.append(_row("Individual experts", "reference", indiv, experts_own))
+                rows.append(_row("Mixture training", "reference", scores["mixture"], experts_own))
+                expert_matrix = {t: {u: scores[f"{fam}/{t}"][u]["score"] for u in TASKS} for t in TASKS}
+                if fam == "full":
+                    inputs, lora_mode = [zoo.full_dir(t) for t in TASKS], "n/a"
+                else:
+                    inputs, lora_mode = lora_inputs(zoo, TASKS, scratch)
+                for m in meths:
+                    prog.update(bar, description=f"{fam}: {m.name}")
+                    t1 = time.perf_counter()
+                    scaled = has_scaling(m)
+                    try:
+                        recipe = make_recipe(m.name, zoo.base_dir, inputs, {"scaling": 1.0} if scaled else {},
+                                             seed=cfg.seed)
+                        mdir = scratch / f"{fam}-{m.name}"
+                        merge_to_dir(recipe, mdir)
+                        merge_s = time.perf_counter() - t1
+                        merged = load_model(mdir)
+                        m1 = {k: v.clone() for k, v in merged.state_dict().items()}
+                        shutil.rmtree(mdir, ignore_errors=True)
+                    except Exception as exc:  # a method that cannot run on this family (e.g. LoRA-only)
+                        console.print(f"[yellow]{fam}/{m.name}: skipped[/yellow] ({type(exc).__name__}: {exc})")
+                        rows.append({"name": m.name, "kind": "method", "skipped": f"{type(exc).__name__}: {exc}"})
+                        prog.advance(bar, len(LAMBDA_GRID) + 1 if scaled else 2)
+                        continue
+                    curve: dict[str, float] = {}
+                    best_lam = None
+                    if scaled:
+                        best = -1.0
+                        for lam in LAMBDA_GRID:
+                            merged.load_state_dict(interpolate(base_sd, m1, lam))
+                            v = _mean(evaluate(merged, val, enc))[0]
+                            curve[f"{lam:g}"] = v
+                            if v > best + 1e-12:
+                                best, best_lam = v, lam
+                            prog.advance(bar)
+                        merged.load_state_dict(interpolate(base_sd, m1, best_lam))
+                    else:
+                        curve["-"] = _mean(evaluate(merged, val, enc))[0]
+                        prog.advance(bar)
+                    res = evaluate(merged, test, enc)
+                    prog.advance(bar)
+                    rows.append(_row(m.name, "method", res, experts_own, scaling=best_lam, val_curve=curve,
+                                     merge_seconds=merge_s, seconds=time.perf_counter() - t1))
+                    del merged, m1
+                results["families"][fam] = {"rows": rows, "lora_input": lora_mode, "expert_matrix": expert_matrix}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    results["checks"] = discrimination(results)
+    results["timings"] = {"zoo": zoo_seconds, "zoo_build": info.get("timings", {}),
+                          "bench": time.perf_counter() - t_start - zoo_seconds,
+                          "total": time.perf_counter() - t_start}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write_all(results, out)
+    report.print_summary(results, console)
+    if enforce and not results["checks"]["ok"]:
+        raise RuntimeError("bench discrimination check failed:\n  " + "\n  ".join(results["checks"]["failures"]))
+    if quick:
+        console.print("[yellow]quick mode: calibration and discrimination not enforced[/yellow]")
+    return results
+
+
+def discrimination(results: dict[str, Any]) -> dict[str, Any]:
+    """Check that the best merge beats the base by MIN_MERGE_GAIN and that the s.e. are smaller than the gaps."""
+    fails: list[str] = []
+    summary: dict[str, Any] = {}
+    for fam, fr in results["families"].items():
+        rows = fr["rows"]
+        base = next(r for r in rows if r["name"] == "Base")
+        meth = [r for r in rows if r["kind"] == "method" and "mean" in r]
+        if not meth:
+            continue
+        best = max(meth, key=lambda r: r["mean"])
+        gap = best["mean"] - base["mean"]
+        se_gap = (best["mean_se"] ** 2 + base["mean_se"] ** 2) ** 0.5
+        summary[fam] = {"best": best["name"], "gain_over_base": gap, "se_of_gain": se_gap,
+                        "max_mean_se": max(r["mean_se"] for r in meth)}
+        if gap < MIN_MERGE_GAIN:
+            fails.append(f"{fam}: best merge {best['name']} is {100 * gap:+.1f} points over the base "
+                         f"(< {100 * MIN_MERGE_GAIN:.0f})")
+        if se_gap >= gap:
+            fails.append(f"{fam}: the standard error of the gain ({100 * se_gap:.1f}) is not below it")
+    return {"ok": not fails, "failures": fails, "summary": summary}
