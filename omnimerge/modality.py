@@ -467,14 +467,18 @@ class _ModalityMerge:
         except OSError as e:
             raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
         finally:
-            for o in self.outputs:
-                if o.writer is not None:
-                    o.writer.close()
-            if self.hasher is not None:
-                self.hasher.cancel()
-            if tmp is not None:
-                discard_dir(tmp)
-            self._close()
+            self._cleanup(tmp)
+
+    def _cleanup(self, tmp: Path | None) -> None:
+        """Close the writers, stop hashing, remove the temporary folder (if the run failed), close inputs."""
+        for o in self.outputs:
+            if o.writer is not None:
+                o.writer.close()
+        if self.hasher is not None:
+            self.hasher.cancel()
+        if tmp is not None:
+            discard_dir(tmp)
+        self._close()
 
     def _open_experts_sources(self, base: Checkpoint) -> None:
         from omnimerge.checkpoint.sources import FullSource
@@ -629,14 +633,7 @@ class _OnlineComposition(_ModalityMerge):
         except OSError as e:
             raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
         finally:
-            for o in self.outputs:
-                if o.writer is not None:
-                    o.writer.close()
-            if self.hasher is not None:
-                self.hasher.cancel()
-            if tmp is not None:
-                discard_dir(tmp)
-            self._close()
+            self._cleanup(tmp)
 
     def _write_adapter(self, ex: _Expert, weight: float, selected: set[str], folder: Path) -> dict[str, Any]:
         """The expert's LoRA on the shared LLM alone (``lora_B`` scaled by its weight), as a PEFT adapter."""
