@@ -423,3 +423,18 @@ def test_aswudi_matches_reference_closed_form():
         return f
 
     assert torch.allclose(out, ref_spectral(tvs, rule), rtol=1e-7, atol=1e-10)
+
+
+def test_thin_svd_of_wide_and_tall_matrices() -> None:
+    from omnimerge.methods.spectral import thin_svd
+
+    g = torch.Generator().manual_seed(3)
+    for shape in ((40, 90), (90, 40), (50, 50)):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        u, s, vh = thin_svd(x)
+        k = min(shape)
+        assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+        torch.testing.assert_close((u * s) @ vh, x)
+        torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=x.dtype))
+        torch.testing.assert_close(vh @ vh.T, torch.eye(k, dtype=x.dtype))
+        torch.testing.assert_close(s, torch.linalg.svdvals(x))

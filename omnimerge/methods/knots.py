@@ -21,6 +21,7 @@ import torch
 
 from omnimerge.methods.base import LowRank, Param, TensorContext, is_matrix, merge_method, scaling_param
 from omnimerge.methods.linear import WEIGHT, weighted_sum
+from omnimerge.methods.spectral import thin_svd
 from omnimerge.methods.ties import DENSITY, SEED, GlobalTiesPass, dare_, disjoint_merge, trim_
 
 MERGE = Param(
@@ -79,12 +80,12 @@ def shared_basis(
             _q, r = torch.linalg.qr(A.T)
             cols.append((B * f.scale) @ r.T)
             parts.append((B * f.scale, A))
-        u, s, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
+        u, s, _ = thin_svd(torch.cat(cols, dim=1))
         d, n = parts[0][0].shape[0], parts[0][1].shape[1]
         dims = (d, n * len(parts))
     else:
         xs = [tv.to(torch.float64) if concat_across_output else tv.to(torch.float64).T for tv in task_vectors]
-        u, s, _ = torch.linalg.svd(torch.cat(xs, dim=1), full_matrices=False)
+        u, s, _ = thin_svd(torch.cat(xs, dim=1))
         dims = (xs[0].shape[0], xs[0].shape[1] * len(xs))
     k = 0
     if s.numel() and float(s[0]) > 0.0:

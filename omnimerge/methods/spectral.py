@@ -85,9 +85,19 @@ def upcast_half(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 # --- SVD helpers -------------------------------------------------------------------------------------------
 
 
+def thin_svd(x: torch.Tensor) -> Triplets:
+    """Economy SVD ``x = U diag(S) Vh``. A wide matrix is decomposed through its transpose: LAPACK's
+    divide-and-conquer SVD in torch runs 2.5-3x slower on an m x n matrix with m < n than on its n x m
+    transpose (measured: 74 s vs 25 s for 3584 x 18944 float32 on 2 cores); the factors are the same."""
+    if x.shape[-2] < x.shape[-1]:
+        u, s, vh = torch.linalg.svd(x.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    return torch.linalg.svd(x, full_matrices=False)
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The polar factor ``U Vh`` of ``x = U S Vh``: the closest matrix with orthonormal columns (or rows)."""
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    u, _, vh = thin_svd(x)
     return u @ vh
 
 
@@ -102,7 +112,7 @@ def randomized_svd(
     for _ in range(power_iters):
         qn, _ = torch.linalg.qr(x.T @ qm)
         qm, _ = torch.linalg.qr(x @ qn)
-    u, s, vh = torch.linalg.svd(qm.T @ x, full_matrices=False)
+    u, s, vh = thin_svd(qm.T @ x)
     return qm @ u, s, vh
 
 
@@ -115,7 +125,7 @@ def truncated_svd(
     if opts.method == "randomized" and r + opts.oversample < k:
         u, s, vh = randomized_svd(x, r + opts.oversample, opts.power_iters, generator)
     else:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = thin_svd(x)
     # compact copies: a view would keep the full m x min(m, n) factors alive
     return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
 
@@ -290,7 +300,7 @@ def iso_c(
         total = task_vectors[0].clone()
         for tv in task_vectors[1:]:
             total.add_(tv)
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = thin_svd(total)
         del total
     sigma = s.sum() / k
     return (u @ vh).mul_(sigma * scaling)
@@ -378,7 +388,7 @@ def iso_cts(
     total = tv0.clone()
     for tv in task_vectors[1:]:
         total.add_(tv)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = thin_svd(total)
     del total
     uc, sc, vhc = u[:, :kc], s[:kc], vh[:kc]
     opts = SvdOptions(svd, svd_oversample, svd_power_iters)

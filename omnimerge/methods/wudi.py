@@ -41,6 +41,7 @@ from omnimerge.methods.spectral import (
     all_factors,
     combine_factors,
     task_triplets,
+    thin_svd,
     truncated_svd,
     upcast_half,
 )
@@ -613,7 +614,7 @@ def wudi_spectrum(tvs: Sequence[torch.Tensor], norms: Sequence[float]) -> Spectr
         lam, V = lam.flip(0).clamp(min=MIN_EIGENVALUE), V.flip(1)
         return Spectrum(lam, V, D @ V, lam)
     X = torch.cat([tv / math.sqrt(nn) for tv, nn in zip(tvs, norms, strict=True)], dim=0)
-    _, s, vh = torch.linalg.svd(X, full_matrices=False)
+    _, s, vh = thin_svd(X)
     del X
     lam = s.square().clamp(min=MIN_EIGENVALUE)
     V = vh.T
