@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,23 +559,30 @@ class MergeRun:
                 for job in jobs:
                     run_job(job, budget.acquire(job.cost))
                 return
+            failed = threading.Event()
+
+            def guarded(job: Job, reserved: int) -> None:
+                try:
+                    run_job(job, reserved)
+                except BaseException:
+                    failed.set()
+                    raise
+
             futures: list[Future[None]] = []
             with ThreadPoolExecutor(self.workers, thread_name_prefix="omnimerge") as pool:
                 for job in jobs:
+                    if failed.is_set():  # stop submitting; jobs not started yet are cancelled below
+                        break
                     reserved = budget.acquire(job.cost)
                     self._prefetch(job)
-                    futures.append(pool.submit(run_job, job, reserved))
-                    if any(f.done() and f.exception() for f in futures[-8:]):
-                        break
-                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in futures:
-                    if f.done() and f.exception() is not None:
-                        for g in futures:
-                            g.cancel()
-                        raise f.exception()  # type: ignore[misc]
-                wait(futures)
-                for f in futures:
-                    f.result()
+                    futures.append(pool.submit(guarded, job, reserved))
+                if failed.is_set():
+                    for f in futures:
+                        f.cancel()
+            # the pool has drained: raise the error of the earliest job that failed
+            for f in futures:
+                if not f.cancelled() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
         finally:
             if prog is not None:
                 prog.stop()
