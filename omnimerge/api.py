@@ -32,14 +32,15 @@ def merge(
     overrides: list[str] | None = None,
     echo: Callable[[str], None] | None = None,
     check_finite: bool = True,
-    hash_inputs: bool = True,
+    hash_inputs: bool | str = True,
 ) -> Any:
     """Merge the recipe's experts into ``output`` (a Hugging Face checkpoint folder); return a MergeReport.
 
     ``recipe`` may be a :class:`Recipe`, a dict with the YAML keys, or the path of a YAML recipe.
     ``overrides`` are ``key.path=value`` strings (like the CLI's ``--set``). Raises
     :class:`omnimerge.errors.OmniMergeError` with a readable message on any bad input; on failure nothing is
-    left at ``output``.
+    left at ``output``. ``hash_inputs``: the digest of every input file recorded in the model card: True or
+    'xxh3' (XXH3-128, fast), 'sha256', or False/'none'.
     """
     from omnimerge.engine import MergeRun
 

@@ -38,8 +38,10 @@ def merge(
     shard_size: Annotated[str | None, typer.Option(help="output shard size, e.g. 5GB (overrides the recipe)")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
     hash_inputs: Annotated[
-        bool, typer.Option("--hash/--no-hash", help="record the sha256 of every input file in the model card")
-    ] = True,
+        str,
+        typer.Option("--hash", help="digest of every input file recorded in the model card: xxh3 (fast), sha256, "
+                     "or none"),
+    ] = "xxh3",
 ) -> None:
     """Merge the experts of RECIPE into OUTPUT."""
     from omnimerge.api import merge as do_merge

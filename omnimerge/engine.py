@@ -12,7 +12,7 @@ Plan, then stream:
    merged tensor in the compute dtype); each job reads its inputs (memory-mapped), computes, and writes its
    output bytes straight into the shard file. Copied tensors are copied byte for byte in the kernel.
 5. **Finish**: check every planned tensor was written, copy config/tokenizer/processor files, write the model
-   card (with the sha256 of every input file, hashed on a background thread), then rename the temporary folder
+   card (with a digest of every input file, hashed on a background thread), then rename the temporary folder
    into place. Any failure removes the temporary folder: nothing is left at the output path.
 
 Results do not depend on the number of workers or their scheduling: each tensor is computed independently
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, write_model_card
+from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, hash_algorithm, write_model_card
 from omnimerge.checkpoint.reader import (
     Checkpoint,
     TensorMeta,
@@ -174,7 +174,7 @@ class MergeRun:
         progress: bool = False,
         echo: Callable[[str], None] | None = None,
         check_finite: bool = True,
-        hash_inputs: bool = True,
+        hash_inputs: bool | str = True,
     ) -> None:
         self.recipe = recipe
         self.output = Path(output).expanduser().absolute()
@@ -184,7 +184,7 @@ class MergeRun:
         self.progress = progress
         self.notes = _Notes(echo)
         self.check_finite = check_finite
-        self.hash_inputs = hash_inputs
+        self.hash_algorithm = hash_algorithm(hash_inputs)  # None: no input digests in the model card
         self.method: MergeMethod = get_method(recipe.merge_method)
         if self.method.output_kind == "online" and recipe.mode != "modality":  # see omnimerge.modality
             raise RecipeError(f"merge_method: '{self.method.name}' keeps the experts' adapters apart (no merged "
@@ -434,8 +434,8 @@ class MergeRun:
                     self.notes(note)
             inputs = [("base", self.recipe.base_model, self.base.files + self._configs(self.base.path))]
             inputs += [(f"expert {s.label}", s.ref, s.input_files()) for s in self.experts]
-            if self.hash_inputs:
-                hasher = FileHasher([f for _, _, fs in inputs for f in fs]).start()
+            if self.hash_algorithm:
+                hasher = FileHasher([f for _, _, fs in inputs for f in fs], algorithm=self.hash_algorithm).start()
             stats = self._global_stats(jobs)
             tmp = make_temp_dir(self.output)
             if self.recipe.output == "lora":

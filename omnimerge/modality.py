@@ -41,7 +41,7 @@ What happens (:func:`merge_modalities`):
    expert-specific tensors of its **first expert in recipe order**; the manifest says which expert that is and
    lists the others (their LLM deltas are in the merge all the same).
 4. ``OUT/manifest.json`` ties the outputs together: method, parameters, base, the shared tensors, each
-   output's modalities / architecture / model type / path / source expert, every input file's sha256, timing.
+   output's modalities / architecture / model type / path / source expert, every input file's digest, timing.
    Each output folder also gets the usual model card (README.md) and recipe.
 
 The whole ``OUT`` folder is built in a temporary folder beside it and renamed into place only on success:
@@ -239,7 +239,7 @@ def merge_modalities(
     progress: bool = False,
     echo: Callable[[str], None] | None = None,
     check_finite: bool = True,
-    hash_inputs: bool = True,
+    hash_inputs: bool | str = True,
 ) -> ModalityReport:
     """Merge the language models of modality experts that share the base's LLM (see the module docstring).
 
@@ -419,8 +419,9 @@ class _ModalityMerge:
             if ex.adapter is not None:
                 files = ex.adapter.input_files() + files
             self.inputs.append((f"expert {ex.label}", ex.ref, files))
-        if self.run_.hash_inputs:
-            self.hasher = FileHasher([f for _, _, fs in self.inputs for f in fs]).start()
+        if self.run_.hash_algorithm:
+            self.hasher = FileHasher([f for _, _, fs in self.inputs for f in fs],
+                                     algorithm=self.run_.hash_algorithm).start()
 
     def _open_base(self) -> Checkpoint:
         from omnimerge.checkpoint.reader import open_checkpoint
@@ -562,7 +563,7 @@ class _ModalityMerge:
             ],
             "inputs": [
                 {"role": role, "model": ref,
-                 "files": [{"file": Path(f).name, "sha256": digests.get(str(f), "not hashed")} for f in files]}
+                 "files": [{"file": Path(f).name, "digest": digests.get(str(f), "not hashed")} for f in files]}
                 for role, ref, files in self.inputs
             ],
             "seconds": round(seconds, 3),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -137,8 +138,18 @@ def test_recipe_file_relative_paths_overrides_and_card(tmp_path: Path, fam: Path
     saved = yaml.safe_load((out / "omnimerge_recipe.yaml").read_text())
     assert saved["parameters"] == {"scaling": 0.3, "density": 0.5} and saved["out_dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
-    digest = hashlib.sha256((work / "models" / "expert1" / "model.safetensors").read_bytes()).hexdigest()
-    assert digest in card and "Yadav et al." in card and "density: 0.5" in card
+    digest = xxhash.xxh3_128((work / "models" / "expert1" / "model.safetensors").read_bytes()).hexdigest()
+    assert f"xxh3_128:{digest}" in card and "Yadav et al." in card and "density: 0.5" in card
+    # sha256 on request, and no digests at all
+    res = cli("merge", work / "r.yaml", "-o", out, "--overwrite", "--hash", "sha256", "-q")
+    assert res.code == 0, res.text
+    sha = hashlib.sha256((work / "models" / "expert1" / "model.safetensors").read_bytes()).hexdigest()
+    assert f"sha256:{sha}" in (out / "README.md").read_text()
+    res = cli("merge", work / "r.yaml", "-o", out, "--overwrite", "--hash", "none", "-q")
+    card = (out / "README.md").read_text()
+    assert res.code == 0 and "not hashed" in card and sha not in card
+    res = cli("merge", work / "r.yaml", "-o", out, "--overwrite", "--hash", "md5", "-q")
+    assert res.code == 2 and "md5" in res.text
 
 
 def test_bin_checkpoint_and_hub_cache_inputs(tmp_path: Path, fam: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -231,13 +242,15 @@ def test_digest_cache_reuses_and_invalidates(tmp_path: Path, monkeypatch) -> Non
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc" * 1000)
     cache = files.DigestCache(tmp_path / "c.json")
-    first = files.FileHasher([f], cache).start().join()[str(f)]
-    assert first == hashlib.sha256(b"abc" * 1000).hexdigest()
+    first = files.FileHasher([f], cache, "sha256").start().join()[str(f)]
+    assert first == "sha256:" + hashlib.sha256(b"abc" * 1000).hexdigest()
+    fast = files.FileHasher([f], files.DigestCache(tmp_path / "c.json")).start().join()[str(f)]
+    assert fast == "xxh3_128:" + xxhash.xxh3_128(b"abc" * 1000).hexdigest()
     reads = []
-    real = hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda fh, algo: reads.append(1) or real(fh, algo))
-    again = files.FileHasher([f], files.DigestCache(tmp_path / "c.json")).start().join()[str(f)]
+    real = files.file_digest
+    monkeypatch.setattr(files, "file_digest", lambda p, algo: reads.append(1) or real(p, algo))
+    again = files.FileHasher([f], files.DigestCache(tmp_path / "c.json"), "sha256").start().join()[str(f)]
     assert again == first and not reads, "an unchanged file is not read again"
     f.write_bytes(b"abd" * 1000)
-    changed = files.FileHasher([f], files.DigestCache(tmp_path / "c.json")).start().join()[str(f)]
-    assert changed == hashlib.sha256(b"abd" * 1000).hexdigest() and reads
+    changed = files.FileHasher([f], files.DigestCache(tmp_path / "c.json"), "sha256").start().join()[str(f)]
+    assert changed == "sha256:" + hashlib.sha256(b"abd" * 1000).hexdigest() and reads

@@ -168,8 +168,8 @@ def test_task_arithmetic_outputs(family: dict[str, Path], tmp_path: Path, fused:
     assert man["outputs"]["qwen2_audio"]["architectures"] == ["Qwen2AudioForConditionalGeneration"]
     assert man["outputs"]["qwen2_vl"]["own_tensors_from"] == "vl"
     assert [e["output"] for e in man["experts"]] == ["qwen2_vl", "qwen2_audio"]
-    shas = [f["sha256"] for i in man["inputs"] for f in i["files"]]
-    assert len(shas) == 6 and all(len(s) == 64 for s in shas)
+    digests = [f["digest"] for i in man["inputs"] for f in i["files"]]
+    assert len(digests) == 6 and all(d.startswith("xxh3_128:") and len(d) == 9 + 32 for d in digests)
     assert (out / "qwen2_vl" / "README.md").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
 
