@@ -21,6 +21,7 @@ Results do not depend on the number of workers or their scheduling: each tensor 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import threading
@@ -539,6 +540,10 @@ class MergeRun:
             task = prog.add_task("merge", total=total_bytes, tensors=f"0/{len(jobs)} tensors")
         done = [0]
         lock = threading.Lock()
+        # the block loops allocate many short-lived tensors: cyclic GC passes over the heap cost ~5% and free
+        # nothing (tensors are freed by reference counting); collection resumes after the stream
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
 
         def run_job(job: Job, reserved: int) -> None:
             try:
@@ -584,6 +589,8 @@ class MergeRun:
                 if not f.cancelled() and f.exception() is not None:
                     raise f.exception()  # type: ignore[misc]
         finally:
+            if gc_was_enabled:
+                gc.enable()
             if prog is not None:
                 prog.stop()
 

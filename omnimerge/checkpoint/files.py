@@ -38,8 +38,9 @@ def hash_algorithm(value: bool | str | None) -> str | None:
     return algo
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    """``algorithm:hex`` of a file's bytes (memory-mapped: no copy through user space)."""
+def file_digest(path: Path, algorithm: str, window: int = 64 << 20) -> str:
+    """``algorithm:hex`` of a file's bytes, read through memory-mapped windows (no copy through user space; one
+    window mapped at a time, so the process's resident set does not grow with the file)."""
     if algorithm == "sha256":
         h: Any = hashlib.sha256()
     else:
@@ -48,12 +49,12 @@ def file_digest(path: Path, algorithm: str) -> str:
         h = xxhash.xxh3_128()
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size:
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        window -= window % mmap.ALLOCATIONGRANULARITY
+        for off in range(0, size, window):
+            with mmap.mmap(fh.fileno(), min(window, size - off), access=mmap.ACCESS_READ, offset=off) as mm:
                 view = memoryview(mm)
                 try:
-                    for s in range(0, size, 1 << 26):
-                        h.update(view[s : s + (1 << 26)])
+                    h.update(view)
                 finally:
                     view.release()
     return f"{algorithm}:{h.hexdigest()}"

@@ -6,7 +6,9 @@ reserved (``posix_fallocate``: a full disk is found before any work, where the f
 each tensor's bytes are written at their offset (``os.pwrite``) as soon as they are computed, from any thread,
 in any order. Unmerged tensors are copied byte for byte with ``os.copy_file_range`` (kernel-side, no user-space
 copy). :meth:`ShardedWriter.finalize` refuses to finish unless every planned tensor was written: no tensor is
-ever silently missing from the output.
+ever silently missing from the output, and it flushes the shards to disk (``fsync``) before the output is
+committed. A background thread starts that flush early (``fdatasync`` every ``flush_bytes`` written), so the
+disk writes overlap with the merge instead of all waiting for the end.
 
 The writer works inside a temporary folder; :func:`commit_dir` renames it into place only on success, and
 :func:`discard_dir` removes it on failure, so a failed merge leaves nothing at the output path.
@@ -46,6 +48,49 @@ class _Shard:
     names: list[str] = field(default_factory=list)
     size: int = 0
     fd: int = -1
+    unflushed: int = 0  # bytes written since the last fdatasync
+
+
+class _Flusher:
+    """Starts the output's disk writes while the merge runs: ``fdatasync`` of a shard on a background thread
+    once ``flush_bytes`` were written to it (the kernel would otherwise hold them until the final fsync)."""
+
+    def __init__(self, shards: list[_Shard], flush_bytes: int) -> None:
+        self.shards = shards
+        self.flush_bytes = flush_bytes
+        self.cond = threading.Condition()
+        self.error: OSError | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="omnimerge-flush", daemon=True)
+        self.thread.start()
+
+    def wrote(self, shard: _Shard, n: int) -> None:
+        with self.cond:
+            shard.unflushed += n
+            if shard.unflushed >= self.flush_bytes:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopped and not any(s.unflushed >= self.flush_bytes for s in self.shards):
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                todo = [s for s in self.shards if s.unflushed >= self.flush_bytes]
+                for s in todo:
+                    s.unflushed = 0
+            for s in todo:
+                try:
+                    os.fdatasync(s.fd)
+                except OSError as e:  # reported by finalize (its fsync fails the same way)
+                    self.error = e
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join()
 
 
 def parse_size(size: int | str) -> int:
@@ -107,6 +152,7 @@ class ShardedWriter:
         max_shard_bytes: shard size limit (a single larger tensor gets a shard of its own).
         prefix: file name stem (``model`` gives ``model.safetensors`` / ``model-00001-of-00003.safetensors``).
         metadata: the safetensors ``__metadata__`` (``format: pt`` is added).
+        flush_bytes: start writing a shard to disk in the background after this many bytes (0: only at the end).
     """
 
     def __init__(
@@ -116,11 +162,13 @@ class ShardedWriter:
         max_shard_bytes: int,
         prefix: str = "model",
         metadata: dict[str, str] | None = None,
+        flush_bytes: int = 256 << 20,
     ) -> None:
         self.folder = Path(folder)
         self.prefix = prefix
         self.metadata = {"format": "pt", **(metadata or {})}
         self._lock = threading.Lock()
+        self._flusher: _Flusher | None = None
         self.planned: dict[str, _Planned] = {}
         groups: list[list[_Planned]] = [[]]
         current = 0
@@ -164,6 +212,7 @@ class ShardedWriter:
             shard.size = data_start + pos
             self.shards.append(shard)
             self._create(shard, len(hb).to_bytes(8, "little") + hb)
+        self._flusher = _Flusher(self.shards, flush_bytes) if flush_bytes > 0 else None
 
     def _create(self, shard: _Shard, head: bytes) -> None:
         try:
@@ -202,6 +251,8 @@ class ShardedWriter:
         shard = self.shards[p.shard]
         _write_all(shard.fd, data, p.offset, str(shard.path))
         p.written = True
+        if self._flusher is not None:
+            self._flusher.wrote(shard, len(data))
 
     def write_part(self, name: str, part: torch.Tensor, start: int, last: bool) -> None:
         """Write the flat elements ``[start, start + part.numel())`` of tensor ``name`` (``part`` already in the
@@ -217,6 +268,8 @@ class ShardedWriter:
         _write_all(shard.fd, data, p.offset + start * esize, str(shard.path))
         if last:
             p.written = True
+        if self._flusher is not None:
+            self._flusher.wrote(shard, len(data))
 
     def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` from an input file descriptor into the tensor's slot, byte for byte."""
@@ -244,10 +297,13 @@ class ShardedWriter:
                 raise OutputError(f"{where}: input ended early while copying tensor '{name}'")
             done += n
         p.written = True
+        if self._flusher is not None:
+            self._flusher.wrote(shard, nbytes)
 
     # -- finishing ---------------------------------------------------------------------------------------------
     def finalize(self) -> list[Path]:
         """Check that every planned tensor was written, flush, close; write the index for sharded output."""
+        self._stop_flusher()
         missing = [p.name for p in self.planned.values() if not p.written]
         if missing:
             self.close()
@@ -272,7 +328,13 @@ class ShardedWriter:
                 raise _as_output_error(e, str(idx_path)) from None
         return [s.path for s in self.shards]
 
+    def _stop_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+
     def close(self) -> None:
+        self._stop_flusher()  # before the descriptors close: the flusher must not sync a closed (or reused) fd
         for s in self.shards:
             if s.fd >= 0:
                 os.close(s.fd)

@@ -7,7 +7,8 @@ A merge method is a pure function over the tensors of **one** parameter::
 ``base`` is the base weight W0 and ``task_vectors`` the experts' task vectors tau_i = W_i - W0, all in the compute
 dtype on the compute device. It returns the merged **delta** (already multiplied by the method's scaling lambda,
 if it has one): the engine writes ``W = W0 + delta``. Methods know nothing of files, names on disk or dtypes
-of the output.
+of the output. The task vectors are the method's own (fresh tensors the engine does not use again): it may
+work in them in place; ``base`` is read-only.
 
 A method is declared with :func:`merge_method`, which records its hyper-parameters (:class:`Param`), its paper
 and its summary; adding a method takes one file and one line in :mod:`omnimerge.methods` (the import that runs

@@ -11,9 +11,15 @@ from omnimerge.methods.base import Param, TensorContext, merge_method, scaling_p
 WEIGHT = Param("weight", 1.0, "per-model weight w_i", float, per_model=True)
 
 
-def weighted_sum(task_vectors: Sequence[torch.Tensor], weight: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i * tau_i, accumulated in place (no stacked copy of the task vectors)."""
-    acc = task_vectors[0] * weight[0] if weight[0] != 1.0 else task_vectors[0].clone()
+def weighted_sum(
+    task_vectors: Sequence[torch.Tensor], weight: Sequence[float], inplace: bool = False
+) -> torch.Tensor:
+    """sum_i w_i * tau_i, accumulated in place (no stacked copy of the task vectors); ``inplace``: accumulate
+    into ``task_vectors[0]`` (which is then overwritten) instead of a new tensor."""
+    if weight[0] != 1.0:
+        acc = task_vectors[0].mul_(weight[0]) if inplace else task_vectors[0] * weight[0]
+    else:
+        acc = task_vectors[0] if inplace else task_vectors[0].clone()
     for tv, w in zip(task_vectors[1:], weight[1:], strict=True):
         acc.add_(tv, alpha=w)
     return acc
@@ -37,7 +43,7 @@ def weight_average(
     total = float(sum(weight))
     if total == 0.0:
         raise ValueError("weight_average: the per-model weights sum to zero")
-    acc = weighted_sum(task_vectors, weight)
+    acc = weighted_sum(task_vectors, weight, inplace=True)
     return acc.div_(total)
 
 
@@ -66,7 +72,7 @@ def task_arithmetic(
     tau_m = sum_i w_i tau_i with tau_i = W_i - W0;  W = W0 + lambda tau_m.
     OptMerge paper baseline "Task Arithmetic" (default lambda 0.3 as in MLLMerging baseline_merging.py).
     """
-    acc = weighted_sum(task_vectors, weight)
+    acc = weighted_sum(task_vectors, weight, inplace=True)
     return acc.mul_(scaling) if scaling != 1.0 else acc
 
 
