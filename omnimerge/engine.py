@@ -53,6 +53,7 @@ from omnimerge.checkpoint.writer import (
 from omnimerge.components import Selector, classify
 from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
 from omnimerge.methods import MergeMethod, TensorContext, get_method
+from omnimerge.methods.ties import BLOCKWISE_MIN_NUMEL
 from omnimerge.recipe import Recipe
 
 #: elements per block in the fused elementwise path (the T + 2 float32 blocks stay in a core's L2 cache)
@@ -231,6 +232,9 @@ class MergeRun:
             job = Job(name, self.base.canonical_of(name), comp, meta, merged, out_dtype)
             if merged:
                 job.cost = (len(self.experts) + 3) * meta.numel * element_size(self.compute_dtype)
+                if getattr(self.method.fn, "blockwise", None) is not None and meta.numel >= BLOCKWISE_MIN_NUMEL:
+                    # blocks, plus the magnitudes kept between sweeps (a few percent per expert)
+                    job.cost = len(self.experts) * meta.numel * element_size(self.compute_dtype) // 8
             elif out_dtype != meta.dtype or self.base.raw_source(name) is None:
                 job.cost = 2 * meta.numel * max(element_size(out_dtype), element_size(meta.dtype))
             else:
@@ -321,6 +325,7 @@ class MergeRun:
                 # r - b with r converted exactly to cd inside the kernel (one pass, no converted copy)
                 tvs = [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
                        for i, r in enumerate(raws)]
+                ctx.offset = s
                 try:
                     delta = self.method.fn(b, tvs, ctx, **self.kwargs)
                 except Exception:  # noqa: BLE001 - the whole-tensor path raises it, checks first
@@ -342,6 +347,93 @@ class MergeRun:
                     for ck, nm in mapped:
                         ck.release(nm, released, e)
                     released = e
+        finally:
+            torch.set_num_threads(threads)
+        return True
+
+    def _blockwise(self, job: Job) -> Any:
+        bw = getattr(self.method.fn, "blockwise", None)
+        if bw is None or job.meta.numel < BLOCKWISE_MIN_NUMEL or self.device.type != "cpu":
+            return None
+        if not all(isinstance(s, FullSource) for s in self.experts):
+            return None
+        return bw
+
+    def _merge_job_blockwise(self, job: Job, writer: ShardedWriter, stats: Any, bw: Any) -> bool:
+        """Methods with a ``blockwise`` implementation (TIES, DARE-TIES) from full checkpoints: statistics sweeps
+        over cache-sized blocks, a merge sweep that writes each block, then the amended entries (see
+        :class:`omnimerge.methods.ties.TiesBlockwise`). Working memory is a few blocks plus what the method keeps
+        between sweeps, not T + 3 float32 copies of the tensor. Returns False, having written nothing final, if a
+        block holds a non-finite value: the whole-tensor path then runs and reports it."""
+        assert self.base is not None
+        base_raw = self.base.read(job.name).reshape(-1)
+        raws = []
+        mapped = [(self.base, job.name)]
+        for src in self.experts:
+            assert isinstance(src, FullSource)
+            name = src.ckpt.find(job.canonical)
+            if name is None:
+                return False
+            raws.append(src.ckpt.read(name).reshape(-1))
+            mapped.append((src.ckpt, name))
+        n, cd = base_raw.numel(), self.compute_dtype
+        exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
+
+        def block(s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            b = base_raw[s:e].to(dtype=cd, copy=True)
+            return b, [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
+                       for i, r in enumerate(raws)]
+
+        def sample(pos: Any) -> list[torch.Tensor]:
+            idx = torch.from_numpy(pos)
+            b = base_raw[idx].to(dtype=cd)
+            return [r[idx].to(dtype=cd).sub_(b) for r in raws]
+
+        def sweep_blocks():  # type: ignore[no-untyped-def]
+            released = 0
+            for s in range(0, n, FUSED_BLOCK):
+                e = min(n, s + FUSED_BLOCK)
+                yield s, e
+                if (s // FUSED_BLOCK) % 32 == 31:  # unmap what was read since: a small resident set
+                    for ck, nm in mapped:
+                        ck.release(nm, released, e)
+                    released = e
+
+        ctx = self._context(job, None, stats)
+        threads = torch.get_num_threads()
+        if self.workers > 1 and threading.current_thread() is not threading.main_thread():
+            torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
+        checked = not self.check_finite
+        try:
+            state = bw.begin(ctx, n, self.kwargs, sample)
+            while bw.wants_sweep(state):
+                for s, e in sweep_blocks():
+                    _b, tvs = block(s, e)
+                    if not checked and not all(_all_finite(t) for t in tvs):
+                        return False
+                    bw.sweep(state, s, tvs)
+                checked = True
+                bw.end_sweep(state)
+            obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
+            for s, e in sweep_blocks():
+                b, tvs = block(s, e)
+                if not checked and not all(_all_finite(t) for t in tvs):
+                    return False
+                delta = bw.merge(state, s, tvs)
+                del tvs
+                if self.check_finite and not _all_finite(delta):
+                    return False
+                out = torch.add(b, delta.to(b.dtype), out=obuf[: e - s]) if obuf is not None else \
+                    b.add_(delta.to(b.dtype)).to(job.out_dtype)
+                writer.write_part(job.name, out, s, e == n)
+            fix = bw.fixups(state)
+            if fix is not None:
+                idx, dvals = fix
+                order = idx.argsort(kind="stable")
+                idx, dvals = idx[order], dvals[torch.from_numpy(order)]
+                ti = torch.from_numpy(idx)
+                b = base_raw[ti].to(dtype=cd)
+                writer.patch(job.name, idx, b.add_(dvals.to(cd)).to(job.out_dtype))
         finally:
             torch.set_num_threads(threads)
         return True
@@ -371,6 +463,9 @@ class MergeRun:
 
     def _merge_job(self, job: Job, writer: ShardedWriter, stats: Any) -> None:
         if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
+            return
+        bw = self._blockwise(job)
+        if bw is not None and self._merge_job_blockwise(job, writer, stats, bw):
             return
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -270,6 +271,37 @@ class ShardedWriter:
             p.written = True
         if self._flusher is not None:
             self._flusher.wrote(shard, len(data))
+
+    def patch(self, name: str, index: Any, values: torch.Tensor) -> None:
+        """Overwrite the flat elements ``index`` (ascending, int64 numpy array) of an already written tensor
+        with ``values`` (planned dtype): read-modify-write of the 64K-element windows that hold them."""
+        import numpy as np
+
+        p = self._slot(name)
+        if values.dtype != p.dtype:
+            raise OutputError(f"tensor '{name}': patch of dtype {values.dtype}, {p.dtype} planned")
+        esize = element_size(p.dtype)
+        numel = p.nbytes // esize if esize else 0
+        if len(index) == 0:
+            return
+        if int(index[0]) < 0 or int(index[-1]) >= numel:
+            raise OutputError(f"tensor '{name}': patch index outside the tensor's {numel} elements")
+        shard = self.shards[p.shard]
+        win = 1 << 16
+        wins = index // win
+        cuts = np.flatnonzero(np.diff(wins)) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [len(index)]))
+        for a, z in zip(starts.tolist(), ends.tolist(), strict=True):
+            w0 = int(wins[a]) * win
+            w1 = min(numel, w0 + win)
+            off = p.offset + w0 * esize
+            buf = bytearray(os.pread(shard.fd, (w1 - w0) * esize, off))
+            t = torch.frombuffer(buf, dtype=p.dtype)
+            t[torch.from_numpy(index[a:z] - w0)] = values[a:z]
+            _write_all(shard.fd, memoryview(buf), off, str(shard.path))
+            if self._flusher is not None:
+                self._flusher.wrote(shard, len(buf))
 
     def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` from an input file descriptor into the tensor's slot, byte for byte."""

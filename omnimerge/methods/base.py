@@ -146,6 +146,8 @@ class TensorContext:
             (LoRA inputs), else ``None``.
         stats: the result of the method's global pass (see :class:`GlobalPass`), or ``None``.
         seed: the recipe's seed (methods with randomness use :meth:`generator`).
+        offset: for methods that declare ``elementwise``: the flat index of the first entry of the block they
+            are given (the engine may stream a tensor in blocks); 0 for a whole tensor.
         log: a callable for one-line notes the method wants the user to see (printed once per distinct text).
     """
 
@@ -156,6 +158,7 @@ class TensorContext:
     factors: Sequence[LowRank | None] | None = None
     stats: Any = None
     seed: int = 0
+    offset: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
     info: dict[str, Any] = field(default_factory=dict)
 

@@ -204,8 +204,7 @@ def knots(
         return torch.zeros_like(tv0)
     if drop_rate > 0.0:
         ctx.seed = seed
-        gen = ctx.generator(coords[0].device)
-        coords = [dare_(c, drop_rate, gen) for c in coords]
+        coords = [dare_(c, drop_rate, ctx, i) for i, c in enumerate(coords)]
     if merge == "task_arithmetic":
         merged = weighted_sum(coords, weight)
     else:

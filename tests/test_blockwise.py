@@ -1,0 +1,167 @@
+"""The streamed (block-wise) TIES / DARE-TIES / DARE-TA paths give exactly the whole-tensor results, and DARE's
+counter-based masks do not depend on how a tensor is cut into blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import omnimerge
+import omnimerge.engine as engine
+from omnimerge.checkpoint.writer import ShardedWriter
+from omnimerge.methods import TensorContext
+from omnimerge.methods import ties as ties_mod
+
+BIG = "model.layers.0.mlp.up_proj.weight"  # 700 x 1030: 11 blocks of 64K, the last one partial
+WIDE = "model.embed_tokens.weight"  # 1200 x 400
+SMALL = "model.layers.0.input_layernorm.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base and 3 bf16 experts whose deltas are a few bf16 ulps: magnitudes tie massively, and many entries
+    have an elected sign of 0 with non-zero trimmed values (the case the majority-sign fix-ups exist for)."""
+    root = tmp_path_factory.mktemp("bw")
+    g = torch.Generator().manual_seed(0)
+    base = {
+        BIG: (torch.randn(700, 1030, generator=g) * 0.02).to(torch.bfloat16),
+        WIDE: (torch.randn(1200, 400, generator=g) * 0.02).to(torch.bfloat16),
+        SMALL: torch.ones(1030, dtype=torch.bfloat16),
+    }
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    for i in range(-1, 3):
+        d = root / ("base" if i < 0 else f"expert{i}")
+        d.mkdir()
+        t = {}
+        for k, v in base.items():
+            if i < 0:
+                t[k] = v
+            else:
+                noise = torch.randint(-3, 4, v.shape, generator=g).to(torch.float32) * 1e-4
+                if k == WIDE:  # whole rows untouched by fine-tuning, as in embeddings
+                    noise[: 300] = 0
+                t[k] = (v.float() + noise).to(torch.bfloat16)
+        save_file(t, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def _recipe(models: Path, method: str, weights: list[float] | None = None, **params) -> dict:  # type: ignore[no-untyped-def]
+    ws = weights or [1.0, 1.0, 1.0]
+    return {"base_model": str(models / "base"),
+            "models": [{"model": str(models / f"expert{i}"), "parameters": {"weight": w}} for i, w in enumerate(ws)],
+            "merge_method": method, "parameters": params, "select": {"include": [".*"]}}
+
+
+def _run(models: Path, tmp: Path, recipe: dict, name: str, **kw) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    omnimerge.merge(recipe, tmp / name, hash_inputs=False, **kw)
+    return load_file(str(tmp / name / "model.safetensors"))
+
+
+def _whole(models: Path, tmp: Path, recipe: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    with monkeypatch.context() as m:
+        m.setattr(engine, "BLOCKWISE_MIN_NUMEL", 1 << 62)
+        m.setattr(engine.MergeRun, "_fusable", lambda self: False)
+        return _run(models, tmp, recipe, "whole")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), f"{k}: not bit-identical"
+
+
+@pytest.fixture
+def patches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    seen: list[int] = []
+    real = ShardedWriter.patch
+
+    def spy(self, name, index, values):  # type: ignore[no-untyped-def]
+        seen.append(len(index))
+        return real(self, name, index, values)
+
+    monkeypatch.setattr(ShardedWriter, "patch", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "params"),
+    [
+        ("ties", None, {"scaling": 1.0, "density": 0.2}),
+        ("ties", [1.0, 0.5, 2.0], {"scaling": 0.7, "density": 0.35}),
+        ("ties", None, {"scaling": 0.5, "density": 0.2, "granularity": "global"}),
+        ("dare_ties", None, {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 3}),
+        ("dare_ties", None, {"scaling": 0.8, "drop_rate": 0.3, "density": 0.4, "seed": 5}),
+        ("dare_ta", [1.0, 0.5, 2.0], {"scaling": 0.6, "drop_rate": 0.4, "seed": 1}),
+    ],
+)
+def test_streamed_equals_whole_tensor(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      patches: list[int], method: str, weights: list[float] | None,
+                                      params: dict) -> None:  # type: ignore[type-arg]
+    r = _recipe(models, method, weights, **params)
+    streamed = _run(models, tmp_path, r, "streamed", workers=2)
+    whole = _whole(models, tmp_path, r, monkeypatch)
+    _same(streamed, whole)
+    base = load_file(str(models / "base" / "model.safetensors"))
+    assert not torch.equal(streamed[BIG], base[BIG]), "the merge changed nothing: the test would prove nothing"
+    if method == "ties" and params.get("granularity") != "global":
+        assert patches and sum(patches) > 0, "no entry needed the majority-sign fix-up: the case is too easy"
+
+
+def test_missed_bracket_falls_back_exactly(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = _recipe(models, "ties", scaling=1.0, density=0.3)
+    whole = _whole(models, tmp_path, r, monkeypatch)
+    real = ties_mod.TiesBlockwise.begin
+    misses = []
+
+    def wrong_bracket(self, ctx, numel, params, sample):  # type: ignore[no-untyped-def]
+        st = real(self, ctx, numel, params, sample)
+        for i, b in enumerate(st.brackets):
+            if b is not None:  # a bracket far below every magnitude: the counting sweep must detect the miss
+                st.brackets[i] = ties_mod._Bracket(lo=0.0, hi=1e-30)
+                misses.append(i)
+        return st
+
+    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", wrong_bracket)
+    streamed = _run(models, tmp_path, r, "streamed")
+    assert misses
+    _same(streamed, whole)
+
+
+def test_streamed_ties_reports_non_finite_input(models: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    t = load_file(str(models / "expert1" / "model.safetensors"))
+    t[BIG][3, 5] = float("nan")  # TIES would trim a NaN away silently: it must be reported instead
+    save_file(t, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((models / "base" / "config.json").read_text())
+    r = _recipe(models, "ties", density=0.2)
+    r["models"][1]["model"] = str(bad)
+    with pytest.raises(omnimerge.errors.NonFiniteTensorError, match="up_proj"):
+        omnimerge.merge(r, tmp_path / "out", hash_inputs=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dare_masks_do_not_depend_on_blocks() -> None:
+    ctx = TensorContext(name="w", seed=11)
+    n = 200_003
+    whole = ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3)
+    parts = torch.cat([ties_mod.dare_multiplier(ctx, 0, s, min(n, s + 65536) - s, 0.3) for s in range(0, n, 65536)])
+    assert torch.equal(whole, parts)
+    pos = np.array([0, 17, 65535, 65536, 199_999, 200_002], dtype=np.int64)
+    assert torch.equal(ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=pos), whole[torch.from_numpy(pos)])
+    assert set(whole.unique().tolist()) == {0.0, float(np.float32(1.0 / 0.7))}
+    assert abs(float((whole == 0).float().mean()) - 0.3) < 0.005
+    # experts and tensors draw different masks; positions past 2^32 are keyed by their high word too
+    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 1, 0, n, 0.3))
+    assert not torch.equal(whole, ties_mod.dare_multiplier(TensorContext(name="v", seed=11), 0, 0, n, 0.3))
+    far = ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32))
+    assert not torch.equal(whole, far) and abs(float((far == 0).float().mean()) - 0.3) < 0.005
+    # neighbouring entries are independent: the joint keep rate of (j, j+1) is (1 - p)^2
+    k = (whole != 0).float()
+    assert abs(float((k[1:] * k[:-1]).mean()) - 0.49) < 0.005
