@@ -33,6 +33,8 @@ def merge(
     echo: Callable[[str], None] | None = None,
     check_finite: bool = True,
     hash_inputs: bool | str = True,
+    use_kernels: bool = True,
+    sync: bool = True,
 ) -> Any:
     """Merge the recipe's experts into ``output`` (a Hugging Face checkpoint folder); return a MergeReport.
 
@@ -40,7 +42,9 @@ def merge(
     ``overrides`` are ``key.path=value`` strings (like the CLI's ``--set``). Raises
     :class:`omnimerge.errors.OmniMergeError` with a readable message on any bad input; on failure nothing is
     left at ``output``. ``hash_inputs``: the digest of every input file recorded in the model card: True or
-    'xxh3' (XXH3-128, fast), 'sha256', or False/'none'.
+    'xxh3' (XXH3-128, fast), 'sha256', or False/'none'. ``use_kernels=False`` keeps to torch operations
+    (the compiled fused kernels of :mod:`omnimerge.kernels` give bit-identical results, faster). ``sync=False``
+    skips flushing the output to disk before it is committed (faster; a power loss soon after may truncate it).
     """
     from omnimerge.engine import MergeRun
 
@@ -50,7 +54,7 @@ def merge(
 
         return merge_modalities(
             r, output, overwrite=overwrite, device=device, workers=workers, progress=progress, echo=echo,
-            check_finite=check_finite, hash_inputs=hash_inputs,
+            check_finite=check_finite, hash_inputs=hash_inputs, use_kernels=use_kernels, sync=sync,
         )
     return MergeRun(
         r,
@@ -62,4 +66,6 @@ def merge(
         echo=echo,
         check_finite=check_finite,
         hash_inputs=hash_inputs,
+        use_kernels=use_kernels,
+        sync=sync,
     ).run()

@@ -43,6 +43,10 @@ def merge(
         typer.Option("--hash", help="digest of every input file recorded in the model card: xxh3 (fast), sha256, "
                      "or none"),
     ] = "xxh3",
+    sync: Annotated[
+        bool, typer.Option("--sync/--no-sync", help="flush the output to disk before finishing (--no-sync: faster; "
+                           "a power loss soon after may leave it truncated)")
+    ] = True,
 ) -> None:
     """Merge the experts of RECIPE into OUTPUT."""
     import_engine()
@@ -61,6 +65,7 @@ def merge(
         overrides=overrides,
         echo=lambda m: console.print(f"[yellow]note:[/] {m}"),
         hash_inputs=hash_inputs,
+        sync=sync,
     )
     out.print(f"[green]done[/] {report.summary()}")
 

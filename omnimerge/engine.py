@@ -52,6 +52,10 @@ from omnimerge.checkpoint.writer import (
 )
 from omnimerge.components import Selector, classify
 from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
+from omnimerge.kernels import CHUNK as KERNEL_CHUNK
+from omnimerge.kernels import LinearBlocks, TiesBlocks
+from omnimerge.kernels import preload as preload_kernels
+from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method
 from omnimerge.methods.ties import BLOCKWISE_MIN_NUMEL
 from omnimerge.recipe import Recipe
@@ -88,6 +92,7 @@ class Job:
     merged: bool
     out_dtype: torch.dtype
     cost: int = 0  # bytes of working memory this job needs
+    streaming: bool = False  # merged block by block (its cost does not grow with the tensor)
 
 
 @dataclass
@@ -177,6 +182,8 @@ class MergeRun:
         echo: Callable[[str], None] | None = None,
         check_finite: bool = True,
         hash_inputs: bool | str = True,
+        use_kernels: bool = True,
+        sync: bool = True,
     ) -> None:
         self.recipe = recipe
         self.output = Path(output).expanduser().absolute()
@@ -186,6 +193,8 @@ class MergeRun:
         self.progress = progress
         self.notes = _Notes(echo)
         self.check_finite = check_finite
+        self.use_kernels = use_kernels  # compiled fused kernels where they apply (see omnimerge.kernels)
+        self.sync = sync  # fsync the output before it is committed
         self.hash_algorithm = hash_algorithm(hash_inputs)  # None: no input digests in the model card
         self.method: MergeMethod = get_method(recipe.merge_method)
         if self.method.output_kind == "online" and recipe.mode != "modality":  # see omnimerge.modality
@@ -231,10 +240,14 @@ class MergeRun:
                 out_dtype = self.out_dtype
             job = Job(name, self.base.canonical_of(name), comp, meta, merged, out_dtype)
             if merged:
-                job.cost = (len(self.experts) + 3) * meta.numel * element_size(self.compute_dtype)
-                if getattr(self.method.fn, "blockwise", None) is not None and meta.numel >= BLOCKWISE_MIN_NUMEL:
+                T, es = len(self.experts), element_size(self.compute_dtype)
+                job.cost = (T + 3) * meta.numel * es
+                if meta.numel >= FUSED_BLOCK and self._fusable():
+                    job.cost, job.streaming = (T + 3) * FUSED_BLOCK * es + 4 * KERNEL_CHUNK, True  # a few blocks
+                elif meta.numel >= BLOCKWISE_MIN_NUMEL and self._blockwise(job) is not None:
                     # blocks, plus the magnitudes kept between sweeps (a few percent per expert)
-                    job.cost = len(self.experts) * meta.numel * element_size(self.compute_dtype) // 8
+                    job.cost = (T + 8) * FUSED_BLOCK * es + (4 * T + 20) * KERNEL_CHUNK + T * meta.numel * es // 16
+                    job.streaming = True
             elif out_dtype != meta.dtype or self.base.raw_source(name) is None:
                 job.cost = 2 * meta.numel * max(element_size(out_dtype), element_size(meta.dtype))
             else:
@@ -315,12 +328,30 @@ class MergeRun:
         threads = torch.get_num_threads()
         released = 0
         exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
+        linear = getattr(self.method.fn, "linear", None)
+        form = linear(self.kwargs) if linear is not None and self.use_kernels else None
+        kernel = None
+        if form is not None and LinearBlocks.supports([base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
+            kernel = LinearBlocks(base_raw.dtype, job.out_dtype, min(n, KERNEL_CHUNK), *form)
         obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
         if self.workers > 1 and threading.current_thread() is not threading.main_thread():
             torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
         try:
-            for s in range(0, n, FUSED_BLOCK):
-                e = min(n, s + FUSED_BLOCK)
+            e = 0
+            while e < n:
+                s, e = e, min(n, e + FUSED_BLOCK)
+                if kernel is not None and s % KERNEL_CHUNK == 0 and kernels_ready():
+                    # one compiled call per chunk: the same float32 operations, in cache-sized sub-blocks (until
+                    # the kernels have loaded, blocks take the torch path below: the same bits either way)
+                    e = min(n, s + KERNEL_CHUNK)
+                    merged = kernel(base_raw[s:e], [r[s:e] for r in raws])
+                    if merged is None:
+                        return False
+                    writer.write_part(job.name, merged, s, e == n)
+                    for ck, nm in mapped:  # unmap what was read: a small resident set
+                        ck.release(nm, released, e)
+                    released = e
+                    continue
                 b = base_raw[s:e].to(dtype=cd, copy=True)
                 # r - b with r converted exactly to cd inside the kernel (one pass, no converted copy)
                 tvs = [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
@@ -343,13 +374,25 @@ class MergeRun:
                 out = torch.add(b, delta.to(b.dtype), out=obuf[: e - s]) if obuf is not None else \
                     b.add_(delta.to(b.dtype)).to(job.out_dtype)
                 writer.write_part(job.name, out, s, e == n)
-                if (s // FUSED_BLOCK) % 32 == 31:  # unmap what was read since: a small resident set
+                if e - released >= 32 * FUSED_BLOCK:  # unmap what was read since: a small resident set
                     for ck, nm in mapped:
                         ck.release(nm, released, e)
                     released = e
         finally:
             torch.set_num_threads(threads)
         return True
+
+    def _preload_kernels(self, jobs: list[Job]) -> None:
+        """Start loading the compiled kernels in the background if streamed jobs will use them."""
+        if not self.use_kernels:
+            return
+        linear = getattr(self.method.fn, "linear", None)
+        ties = getattr(getattr(self.method.fn, "blockwise", None), "compiled", None) == "ties"
+        if not ((linear is not None and linear(self.kwargs) is not None) or ties):
+            return
+        job = next((j for j in jobs if j.streaming), None)
+        if job is not None:
+            preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties)
 
     def _blockwise(self, job: Job) -> Any:
         bw = getattr(self.method.fn, "blockwise", None)
@@ -389,12 +432,15 @@ class MergeRun:
             b = base_raw[idx].to(dtype=cd)
             return [r[idx].to(dtype=cd).sub_(b) for r in raws]
 
-        def sweep_blocks():  # type: ignore[no-untyped-def]
-            released = 0
-            for s in range(0, n, FUSED_BLOCK):
-                e = min(n, s + FUSED_BLOCK)
-                yield s, e
-                if (s // FUSED_BLOCK) % 32 == 31:  # unmap what was read since: a small resident set
+        def sweep_blocks(kern: Any):  # type: ignore[no-untyped-def]
+            """(start, end, compiled): a kernel chunk once the kernels have loaded, else a torch block."""
+            released = e = 0
+            while e < n:
+                s = e
+                fast = kern is not None and s % KERNEL_CHUNK == 0 and kernels_ready()
+                e = min(n, s + (KERNEL_CHUNK if fast else FUSED_BLOCK))
+                yield s, e, fast
+                if e - released >= 32 * FUSED_BLOCK or e == n:  # unmap what was read: a small resident set
                     for ck, nm in mapped:
                         ck.release(nm, released, e)
                     released = e
@@ -406,8 +452,16 @@ class MergeRun:
         checked = not self.check_finite
         try:
             state = bw.begin(ctx, n, self.kwargs, sample)
+            kern = None
+            if self.use_kernels and getattr(bw, "compiled", None) == "ties" and TiesBlocks.supports(
+                    state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
+                kern = TiesBlocks(state, base_raw.dtype, job.out_dtype, min(n, KERNEL_CHUNK))
             while bw.wants_sweep(state):
-                for s, e in sweep_blocks():
+                for s, e, fast in sweep_blocks(kern):
+                    if fast:  # compiled: the same operations, one call per chunk
+                        if not kern.sweep(state, s, base_raw[s:e], [r[s:e] for r in raws]):
+                            return False
+                        continue
                     _b, tvs = block(s, e)
                     if not checked and not all(_all_finite(t) for t in tvs):
                         return False
@@ -415,7 +469,13 @@ class MergeRun:
                 checked = True
                 bw.end_sweep(state)
             obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
-            for s, e in sweep_blocks():
+            for s, e, fast in sweep_blocks(kern):
+                if fast:
+                    merged = kern.merge(state, s, base_raw[s:e], [r[s:e] for r in raws])
+                    if merged is None:
+                        return False
+                    writer.write_part(job.name, merged, s, e == n)
+                    continue
                 b, tvs = block(s, e)
                 if not checked and not all(_all_finite(t) for t in tvs):
                     return False
@@ -524,6 +584,7 @@ class MergeRun:
             self._open()
             assert self.base is not None
             jobs = self._plan()
+            self._preload_kernels(jobs)
             selected = [j.name for j in jobs if j.merged]
             for src in self.experts:
                 for note in src.validate(self.base, selected):
@@ -545,6 +606,7 @@ class MergeRun:
                     [(j.name, j.out_dtype, j.meta.shape) for j in jobs],
                     self.shard_bytes,
                     metadata={"omnimerge_method": self.method.name},
+                    sync=self.sync,
                 )
                 self._stream(jobs, writer, stats)
                 shard_files = writer.finalize()
@@ -607,7 +669,10 @@ class MergeRun:
         return total
 
     def _stream(self, jobs: list[Job], writer: ShardedWriter, stats: Any) -> None:
-        limit = max([j.cost for j in jobs] + [1])
+        # jobs run together while their costs fit: at least the largest alone, and as many streamed jobs as
+        # there are workers (their cost is a few blocks: tying them to the largest whole-tensor cost serialised them)
+        streamed = sorted((j.cost for j in jobs if j.streaming), reverse=True)[: self.workers]
+        limit = max([j.cost for j in jobs] + [sum(streamed), 1])
         budget = _Budget(limit)
         total_bytes = sum(j.meta.nbytes for j in jobs) or 1
         prog = None

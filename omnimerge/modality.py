@@ -240,6 +240,8 @@ def merge_modalities(
     echo: Callable[[str], None] | None = None,
     check_finite: bool = True,
     hash_inputs: bool | str = True,
+    use_kernels: bool = True,
+    sync: bool = True,
 ) -> ModalityReport:
     """Merge the language models of modality experts that share the base's LLM (see the module docstring).
 
@@ -251,7 +253,7 @@ def merge_modalities(
     if recipe.output != "full":
         raise RecipeError("output: only 'full' is supported with mode: modality (one checkpoint per modality)")
     run = MergeRun(recipe, output, overwrite=overwrite, device=device, workers=workers, progress=progress,
-                   echo=echo, check_finite=check_finite, hash_inputs=hash_inputs)
+                   echo=echo, check_finite=check_finite, hash_inputs=hash_inputs, use_kernels=use_kernels, sync=sync)
     if run.method.output_kind == "online":
         return _OnlineComposition(run).run()
     return _ModalityMerge(run).run()
@@ -449,7 +451,7 @@ class _ModalityMerge:
             for o in self.outputs:
                 self._plan_output(o, jobs, merged=True)
                 (tmp / o.label).mkdir()
-                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes,
+                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
                                          metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
             carried = {o.label: self._carry(o) for o in self.outputs}
             run._stream(jobs, _Fanout(self.outputs), stats)  # type: ignore[arg-type]
@@ -607,7 +609,7 @@ class _OnlineComposition(_ModalityMerge):
                 # the LoRA of the selected (shared LLM) modules stays in the adapters, not in the model
                 o.adapted = {n for n in o.adapted if o.expert.model.canonical_of(n) not in selected}
                 (tmp / o.label).mkdir()
-                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes,
+                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
                                          metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
                 carried[o.label] = self._carry(o)
                 shards[o.label] = [p.name for p in o.writer.finalize()]

@@ -17,7 +17,7 @@ from omnimerge.checkpoint.writer import ShardedWriter
 from omnimerge.methods import TensorContext
 from omnimerge.methods import ties as ties_mod
 
-BIG = "model.layers.0.mlp.up_proj.weight"  # 700 x 1030: 11 blocks of 64K, the last one partial
+BIG = "model.layers.0.mlp.up_proj.weight"  # 1100 x 1030: 18 blocks of 64K or 2 kernel chunks, both partial
 WIDE = "model.embed_tokens.weight"  # 1200 x 400
 SMALL = "model.layers.0.input_layernorm.weight"
 
@@ -29,7 +29,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bw")
     g = torch.Generator().manual_seed(0)
     base = {
-        BIG: (torch.randn(700, 1030, generator=g) * 0.02).to(torch.bfloat16),
+        BIG: (torch.randn(1100, 1030, generator=g) * 0.02).to(torch.bfloat16),
         WIDE: (torch.randn(1200, 400, generator=g) * 0.02).to(torch.bfloat16),
         SMALL: torch.ones(1030, dtype=torch.bfloat16),
     }
@@ -165,3 +165,117 @@ def test_dare_masks_do_not_depend_on_blocks() -> None:
     # neighbouring entries are independent: the joint keep rate of (j, j+1) is (1 - p)^2
     k = (whole != 0).float()
     assert abs(float((k[1:] * k[:-1]).mean()) - 0.49) < 0.005
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from omnimerge import kernels
+
+    assert kernels.available(), "numba kernels unavailable: the fast path would silently be off"
+    kernels.wait()  # a background load started by an earlier merge must not leave chunks on the torch path
+    calls: list[int] = []
+    real = kernels.LinearBlocks.__call__
+
+    def spy(self, base, experts):  # type: ignore[no-untyped-def]
+        calls.append(base.numel())
+        return real(self, base, experts)
+
+    monkeypatch.setattr(kernels.LinearBlocks, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "out_dtype", "fp32_inputs"),
+    [
+        ("task_arithmetic", {"scaling": 0.3}, None, False),
+        ("task_arithmetic", {"scaling": 1.0}, "float32", False),
+        ("weight_average", {}, None, False),
+        ("task_arithmetic", {"scaling": 0.7}, None, True),
+        ("weight_average", {}, "bfloat16", True),
+    ],
+)
+def test_compiled_linear_kernel_equals_torch(models: Path, tmp_path: Path, kernel_calls: list[int], method: str,
+                                             params: dict, out_dtype: str | None, fp32_inputs: bool) -> None:  # type: ignore[type-arg]
+    src = models
+    if fp32_inputs:
+        src = tmp_path / "fp32"
+        for d in models.iterdir():
+            (src / d.name).mkdir(parents=True)
+            t = {k: v.float() * 1.37 for k, v in load_file(str(d / "model.safetensors")).items()}
+            save_file(t, str(src / d.name / "model.safetensors"))
+            (src / d.name / "config.json").write_text((d / "config.json").read_text())
+    r = _recipe(src, method, **params)
+    if out_dtype:
+        r["out_dtype"] = out_dtype
+    fast = _run(src, tmp_path, r, "fast", workers=2)
+    assert sum(kernel_calls) >= 1100 * 1030 + 1200 * 400, "the compiled kernel did not run"
+    n = len(kernel_calls)
+    slow = _run(src, tmp_path, r, "slow", use_kernels=False)
+    assert len(kernel_calls) == n
+    _same(fast, slow) if next(iter(fast.values())).dtype != torch.float32 else \
+        [torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=0) for k in fast]
+    base = load_file(str(src / "base" / "model.safetensors"))
+    assert not torch.equal(fast[BIG].float(), base[BIG].float())
+
+
+def test_compiled_kernel_is_skipped_for_weights_and_reports_nan(models: Path, tmp_path: Path,
+                                                                kernel_calls: list[int]) -> None:
+    weighted = _run(models, tmp_path, _recipe(models, "task_arithmetic", [1.0, 0.5, 2.0], scaling=0.3), "w")
+    assert not kernel_calls, "unit weights only: torch's add(alpha=w) may fuse a multiply-add"
+    ref = _run(models, tmp_path, _recipe(models, "task_arithmetic", [1.0, 0.5, 2.0], scaling=0.3), "w2",
+               use_kernels=False)
+    _same(weighted, ref)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    t = load_file(str(models / "expert2" / "model.safetensors"))
+    t[WIDE][1100, 7] = float("inf")
+    save_file(t, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((models / "base" / "config.json").read_text())
+    r = _recipe(models, "task_arithmetic", scaling=0.3)
+    r["models"][2]["model"] = str(bad)
+    with pytest.raises(omnimerge.errors.NonFiniteTensorError, match="embed_tokens"):
+        omnimerge.merge(r, tmp_path / "out", hash_inputs=False)
+    assert kernel_calls and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "params"),
+    [
+        ("ties", None, {"scaling": 1.0, "density": 0.2}),
+        ("ties", [1.0, 0.5, 2.0], {"scaling": 0.7, "density": 0.35}),
+        ("ties", None, {"scaling": 0.5, "density": 0.2, "granularity": "global"}),
+        ("dare_ties", None, {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 3}),
+        ("dare_ties", [0.8, 1.0, 1.3], {"scaling": 0.8, "drop_rate": 0.3, "density": 0.4, "seed": 5}),
+    ],
+)
+def test_compiled_ties_equals_torch(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    patches: list[int], method: str, weights: list[float] | None,
+                                    params: dict) -> None:  # type: ignore[type-arg]
+    from omnimerge import kernels
+
+    assert kernels.available()
+    kernels.preload(torch.bfloat16, torch.bfloat16, 3, ties=True)
+    kernels.wait()
+    calls: list[int] = []
+    real = kernels.TiesBlocks.merge
+    monkeypatch.setattr(kernels.TiesBlocks, "merge",
+                        lambda self, st, s, b, r: calls.append(b.numel()) or real(self, st, s, b, r))
+    r = _recipe(models, method, weights, **params)
+    fast = _run(models, tmp_path, r, "fast", workers=2)
+    assert sum(calls) == 1100 * 1030 + 1200 * 400, "the compiled TIES kernel did not merge every large tensor"
+    n_patched = sum(patches)
+    slow = _run(models, tmp_path, r, "slow", use_kernels=False)
+    _same(fast, slow)
+    if method == "ties" and params.get("granularity") != "global":
+        assert n_patched > 0 and sum(patches) == 2 * n_patched, "both paths amend the same undecided entries"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average"])
+def test_compiled_linear_kernel_groups_of_four(models: Path, tmp_path: Path, kernel_calls: list[int],
+                                               method: str) -> None:
+    """More than 4 experts: the fused loops run in groups, carrying the running sum between them."""
+    r = _recipe(models, method, [1.0] * 3, **({"scaling": 0.4} if method == "task_arithmetic" else {}))
+    r["models"] = r["models"] + r["models"][::-1] + r["models"][:1]  # 7 experts: a group of 4, then 3
+    fast = _run(models, tmp_path, r, "fast")
+    assert kernel_calls
+    _same(fast, _run(models, tmp_path, r, "slow", use_kernels=False))

@@ -19,6 +19,7 @@ t_import = time.perf_counter() - t0
 recipe, out = sys.argv[1], sys.argv[2]
 workers = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "0" else None
 hash_inputs = sys.argv[4] if len(sys.argv) > 4 else "xxh3"  # the model card's input digests: xxh3|sha256|none
-rep = merge(recipe, out, overwrite=True, workers=workers, progress=False, hash_inputs=hash_inputs)
+sync = not (len(sys.argv) > 5 and sys.argv[5] == "nosync")  # --no-sync: the output is not fsync'ed
+rep = merge(recipe, out, overwrite=True, workers=workers, progress=False, hash_inputs=hash_inputs, sync=sync)
 print(json.dumps({"seconds": rep.seconds, "import_seconds": t_import, "input_bytes": rep.input_bytes,
                   "output_bytes": rep.output_bytes, "merged": rep.merged, "copied": rep.copied}))

@@ -102,12 +102,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True) -> dict:
+def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True, sync: bool = True) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # not timed: replacing an old output would cost its deletion
     cache = out.with_name(out.name + "-digest-cache")  # empty: every run hashes its inputs (no cache hits)
     shutil.rmtree(cache, ignore_errors=True)
     m = run_measured([sys.executable, "-m", "benchmarks.perf.omni_child", str(recipe), str(out), str(workers),
-                      "xxh3" if hash_inputs else "none"], env={**env(), "OMNIMERGE_CACHE": str(cache)},
+                      "xxh3" if hash_inputs else "none", "sync" if sync else "nosync"],
+                     env={**env(), "OMNIMERGE_CACHE": str(cache)},
                      cwd=str(REPO))
     shutil.rmtree(cache, ignore_errors=True)
     if m.returncode != 0:
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats-slow", type=int, default=1, help="runs for TIES / DARE-TIES (default 1)")
     ap.add_argument("--all-methods-scaling", action="store_true",
                     help="time every method on the T=2/T=5 cases (default: task arithmetic and TIES)")
-    ap.add_argument("--no-nohash", action="store_true",
-                    help="skip the extra omnimerge runs without the sha256 of the inputs (model card)")
+    ap.add_argument("--no-nosync", action="store_true",
+                    help="skip the extra omnimerge runs with --no-sync (the output not fsync'ed, as mergekit does)")
     ap.add_argument("--skip-omnimerge", action="store_true", help="time only mergekit (and cat)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -259,16 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             if runs:
                 entry["omnimerge"] = best_of(runs)
             runs = []
-            for _ in range(0 if a.skip_omnimerge or a.no_nohash or method in SLOW_MK else 1):
+            for _ in range(0 if a.skip_omnimerge or a.no_nosync else n_omni):
                 time_cat(files, 1)
                 la = loadavg()
-                r = run_omni(rp, omni_out, a.workers, hash_inputs=False)
+                r = run_omni(rp, omni_out, a.workers, sync=False)
                 r["loadavg"] = la
                 runs.append(r)
-                log(f"  omnimerge {method} (no input hashing): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
+                log(f"  omnimerge {method} (--no-sync): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
                     f"max RSS {r['max_rss'] / 1e9:.2f} GB, anon {r['peak_anon'] / 1e9:.2f} GB, load {la:.2f}")
             if runs:
-                entry["omnimerge_nohash"] = best_of(runs)
+                entry["omnimerge_nosync"] = best_of(runs)
             if run_mk_here:
                 assert mk_exe is not None
                 cp = cdir / f"mk-{method}.yaml"

@@ -52,6 +52,10 @@ class _Shard:
     unflushed: int = 0  # bytes written since the last fdatasync
 
 
+#: bytes written to a shard between background flushes
+FLUSH_BYTES = int(os.environ.get("OMNIMERGE_FLUSH_BYTES", 64 << 20))
+
+
 class _Flusher:
     """Starts the output's disk writes while the merge runs: ``fdatasync`` of a shard on a background thread
     once ``flush_bytes`` were written to it (the kernel would otherwise hold them until the final fsync)."""
@@ -154,6 +158,9 @@ class ShardedWriter:
         prefix: file name stem (``model`` gives ``model.safetensors`` / ``model-00001-of-00003.safetensors``).
         metadata: the safetensors ``__metadata__`` (``format: pt`` is added).
         flush_bytes: start writing a shard to disk in the background after this many bytes (0: only at the end).
+        sync: flush the shards to disk before finishing (``fsync``). Without it the output is complete in the
+            page cache when the merge returns and reaches the disk later, as with most tools: a power loss soon
+            after may leave it truncated.
     """
 
     def __init__(
@@ -163,7 +170,8 @@ class ShardedWriter:
         max_shard_bytes: int,
         prefix: str = "model",
         metadata: dict[str, str] | None = None,
-        flush_bytes: int = 256 << 20,
+        flush_bytes: int = FLUSH_BYTES,
+        sync: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.prefix = prefix
@@ -213,7 +221,8 @@ class ShardedWriter:
             shard.size = data_start + pos
             self.shards.append(shard)
             self._create(shard, len(hb).to_bytes(8, "little") + hb)
-        self._flusher = _Flusher(self.shards, flush_bytes) if flush_bytes > 0 else None
+        self.sync = sync
+        self._flusher = _Flusher(self.shards, flush_bytes) if flush_bytes > 0 and sync else None
 
     def _create(self, shard: _Shard, head: bytes) -> None:
         try:
@@ -342,7 +351,7 @@ class ShardedWriter:
             raise OutputError(
                 f"internal error: {len(missing)} planned tensor(s) were never written, e.g. '{missing[0]}'"
             )
-        for s in self.shards:
+        for s in self.shards if self.sync else ():
             try:
                 os.fsync(s.fd)
             except OSError as e:

@@ -50,6 +50,11 @@ def weight_average(
 # ``elementwise``: the engine may merge it block by block (each output element depends only on the same element
 # of the inputs, and a NaN/Inf in any task vector reaches the delta)
 weight_average.elementwise = True  # type: ignore[attr-defined]
+# ``linear``: delta = op(sum_i tau_i) for these parameters (None: not of that form); the engine may then run a
+# compiled fused kernel with the same float32 operations (omnimerge.kernels). Unit weights only: torch's
+# add(alpha=w) can fuse a multiply-add that a plain kernel would not reproduce bit for bit.
+weight_average.linear = lambda kw: (float(sum(kw["weight"])), "div") if all(  # type: ignore[attr-defined]
+    w == 1.0 for w in kw["weight"]) else None
 
 
 @merge_method(
@@ -77,3 +82,6 @@ def task_arithmetic(
 
 
 task_arithmetic.elementwise = True  # type: ignore[attr-defined]  # see weight_average.elementwise
+task_arithmetic.linear = lambda kw: (  # type: ignore[attr-defined]  # see weight_average.linear
+    (float(kw["scaling"]), "mul" if kw["scaling"] != 1.0 else "none") if all(w == 1.0 for w in kw["weight"])
+    else None)

@@ -469,6 +469,9 @@ class TiesBlockState:
 
 
 class TiesBlockwise:
+    #: the engine may run the sweeps and the merge with omnimerge.kernels.TiesBlocks (same operations, compiled)
+    compiled = "ties"
+
     """TIES / DARE-TIES over a tensor streamed in blocks, bit-identical to the whole-tensor computation.
 
     Protocol (driven by the engine, see ``MergeRun._merge_job_blockwise``): ``begin`` (with a sampler that returns

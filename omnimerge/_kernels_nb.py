@@ -1,0 +1,436 @@
+"""The numba-compiled loops behind :mod:`omnimerge.kernels` (imported on first use: ``import numba`` alone costs
+~0.25 s). Module-level functions, so that numba caches their machine code on disk between runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llvmlite.ir as ir
+import numba as nb
+import numpy as np
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+_OPTS = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
+#: entries per sub-block inside a kernel call (the float32 working rows stay in a core's L2 cache)
+SUB = 1 << 16
+_I32 = ir.IntType(32)
+
+
+@intrinsic
+def _f32(typingctx: Any, x: Any) -> Any:
+    """An input entry as float32: bfloat16 bits (uint16) widened exactly (<< 16, reinterpreted), float32 as is."""
+    if x == types.uint16:
+        def widen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            w = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+            return builder.bitcast(w, ir.FloatType())
+        return types.float32(x), widen
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, signature, args: args[0]
+    return None
+
+
+@intrinsic
+def _bits(typingctx: Any, x: Any) -> Any:
+    """The bits of a float32 (reinterpreted as uint32)."""
+    return types.uint32(types.float32), lambda context, builder, signature, args: builder.bitcast(args[0], _I32)
+
+
+@intrinsic
+def _bf16(typingctx: Any, x: Any) -> Any:
+    """float32 -> bfloat16 bits, round to nearest even; NaN -> 0x7FC0 (as torch rounds)."""
+    def rnd(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        u = builder.bitcast(args[0], _I32)
+        nan = builder.icmp_unsigned(">", builder.and_(u, ir.Constant(_I32, 0x7FFFFFFF)), ir.Constant(_I32, 0x7F800000))
+        lsb = builder.and_(builder.lshr(u, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        r = builder.lshr(builder.add(builder.add(u, ir.Constant(_I32, 0x7FFF)), lsb), ir.Constant(_I32, 16))
+        return builder.trunc(builder.select(nan, ir.Constant(_I32, 0x7FC0), r), ir.IntType(16))
+    return types.uint16(types.float32), rnd
+
+
+def _put(out: Any, j: Any, v: Any) -> None:
+    """out[j] = v in the output's dtype (bfloat16 bits for a uint16 array). Resolved at compile time."""
+
+
+@overload(_put, inline="always")
+def _put_ov(out: Any, j: Any, v: Any) -> Any:
+    if out.dtype == types.uint16:
+        def put_bf16(out: Any, j: Any, v: Any) -> None:
+            out[j] = _bf16(v)
+        return put_bf16
+
+    def put(out: Any, j: Any, v: Any) -> None:
+        out[j] = v
+    return put
+
+
+@nb.njit(**_OPTS)
+def _finish(bf: Any, acc: Any, scale: float, mode: int) -> bool:
+    n = acc.size
+    s = np.float32(scale)
+    if mode == 1:
+        for j in range(n):
+            acc[j] = acc[j] * s
+    elif mode == 2:
+        for j in range(n):
+            acc[j] = acc[j] / s
+    finite = True
+    for j in range(n):
+        if not np.isfinite(acc[j]):
+            finite = False
+    for j in range(n):
+        acc[j] = bf[j] + acc[j]
+    return finite
+
+@nb.njit(**_OPTS)
+def _round_bf16(acc_u: Any, out: Any) -> None:
+    for j in range(acc_u.size):
+        u = np.int64(acc_u[j])
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            out[j] = np.uint16(0x7FC0)  # NaN, as torch rounds it
+        else:
+            out[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+@nb.njit(**_OPTS)
+def linear_bf16(base: Any, experts: Any, b_u: Any, t_u: Any, acc: Any, scale: float, mode: int,
+                out: Any, out_bf16: bool) -> bool:
+    """A chunk of bfloat16 inputs, in cache-sized sub-blocks (``b_u``, ``t_u``, ``acc``: SUB entries)."""
+    n = base.size
+    finite = True
+    for s0 in range(0, n, SUB):
+        m = min(SUB, n - s0)
+        for j in range(m):
+            b_u[j] = np.uint32(base[s0 + j]) << np.uint32(16)
+        bf = b_u.view(np.float32)
+        tf = t_u.view(np.float32)
+        for i in range(len(experts)):
+            e = experts[i]
+            for j in range(m):
+                t_u[j] = np.uint32(e[s0 + j]) << np.uint32(16)
+            if i == 0:
+                for j in range(m):
+                    acc[j] = tf[j] - bf[j]
+            else:
+                for j in range(m):
+                    acc[j] = acc[j] + (tf[j] - bf[j])
+        finite &= _finish(bf[:m], acc[:m], scale, mode)
+        _store(acc, m, out, s0, out_bf16)
+    return finite
+
+
+@nb.njit(**_OPTS)
+def linear_f32(base: Any, experts: Any, b_u: Any, t_u: Any, acc: Any, scale: float, mode: int,
+               out: Any, out_bf16: bool) -> bool:
+    """A chunk of float32 inputs, in cache-sized sub-blocks."""
+    n = base.size
+    finite = True
+    for s0 in range(0, n, SUB):
+        m = min(SUB, n - s0)
+        bf = b_u.view(np.float32)
+        for j in range(m):
+            bf[j] = base[s0 + j]
+        for i in range(len(experts)):
+            e = experts[i]
+            if i == 0:
+                for j in range(m):
+                    acc[j] = e[s0 + j] - bf[j]
+            else:
+                for j in range(m):
+                    acc[j] = acc[j] + (e[s0 + j] - bf[j])
+        finite &= _finish(bf[:m], acc[:m], scale, mode)
+        _store(acc, m, out, s0, out_bf16)
+    return finite
+
+
+@nb.njit(**_OPTS)
+def _store(acc: Any, m: int, out: Any, s0: int, out_bf16: bool) -> None:
+    """acc[:m] (float32) into out[s0:s0+m]: rounded to bfloat16 bits (uint16 out) or copied (float32 out)."""
+    if out_bf16:
+        _round_bf16(acc[:m].view(np.uint32), out[s0 : s0 + m])
+    else:
+        for j in range(m):
+            out[s0 + j] = acc[j]
+
+
+@nb.njit(**_OPTS)
+def _load(base: Any, experts: Any, s0: int, m: int, in_bf16: bool, b_u: Any, t_u: Any, tv: Any) -> None:
+    """Entries [s0, s0 + m) of the inputs: the base as float32 (b_u's bits) and the task vectors into tv."""
+    bf = b_u.view(np.float32)
+    if in_bf16:
+        for j in range(m):
+            b_u[j] = np.uint32(base[s0 + j]) << np.uint32(16)
+        tf = t_u.view(np.float32)
+        for i in range(len(experts)):
+            e = experts[i]
+            row = tv[i]
+            for j in range(m):
+                t_u[j] = np.uint32(e[s0 + j]) << np.uint32(16)
+            for j in range(m):
+                row[j] = tf[j] - bf[j]
+    else:
+        for j in range(m):
+            bf[j] = base[s0 + j]
+        for i in range(len(experts)):
+            e = experts[i]
+            row = tv[i]
+            for j in range(m):
+                row[j] = e[s0 + j] - bf[j]
+
+
+@nb.njit(**_OPTS)
+def load_bf16(base: Any, experts: Any, b_u: Any, t_u: Any, tv: Any) -> None:
+    n = base.size
+    for j in range(n):
+        b_u[j] = np.uint32(base[j]) << np.uint32(16)
+    bf = b_u.view(np.float32)
+    tf = t_u.view(np.float32)
+    for i in range(len(experts)):
+        e = experts[i]
+        row = tv[i]
+        for j in range(n):
+            t_u[j] = np.uint32(e[j]) << np.uint32(16)
+        for j in range(n):
+            row[j] = tf[j] - bf[j]
+
+@nb.njit(**_OPTS)
+def load_f32(base: Any, experts: Any, b_u: Any, t_u: Any, tv: Any) -> None:
+    n = base.size
+    bf = b_u.view(np.float32)
+    for j in range(n):
+        bf[j] = base[j]
+    for i in range(len(experts)):
+        e = experts[i]
+        row = tv[i]
+        for j in range(n):
+            row[j] = e[j] - bf[j]
+
+@nb.njit(**_OPTS)
+def prepare(tv: Any, n: int, start: int, keys: Any, dthr: int, dscale: float, use_drop: bool) -> bool:
+    """Finiteness of the task vectors, then DARE (as ties.dare_: counter-based masks) in place."""
+    finite = True
+    s = np.float32(dscale)
+    zero = np.float32(0.0)
+    for i in range(tv.shape[0]):
+        row = tv[i]
+        for j in range(n):
+            if not np.isfinite(row[j]):
+                finite = False
+        if use_drop:
+            a = np.uint64(keys[i, 0])
+            b = np.uint64(keys[i, 1])
+            c = np.uint64(keys[i, 2])
+            m32 = np.uint64(0xFFFFFFFF)
+            thr = np.uint64(dthr)
+            if start + n - 1 <= 0xFFFFFFFF:  # (the usual case: a branch-free loop the compiler vectorises)
+                for j in range(n):
+                    pos = np.uint64(start + j)
+                    x = (pos * a + b) & m32
+                    x ^= x >> np.uint64(16)
+                    x = (x * np.uint64(0x7FEB352D)) & m32
+                    x ^= x >> np.uint64(15)
+                    x = (x * np.uint64(0x846CA68B)) & m32
+                    x ^= x >> np.uint64(16)
+                    row[j] = row[j] * (s if x >= thr else zero)
+            else:
+                for j in range(n):
+                    pos = np.uint64(start + j)
+                    x = ((pos & m32) * a + b) & m32
+                    x ^= x >> np.uint64(16)
+                    x = (x * np.uint64(0x7FEB352D)) & m32
+                    x ^= x >> np.uint64(15)
+                    x = (x * np.uint64(0x846CA68B)) & m32
+                    x ^= x >> np.uint64(16)
+                    if pos > m32:  # positions past 2^32: the high word keyed in (ties._dare_hash)
+                        x ^= ((pos >> np.uint64(32)) * c) & m32
+                        x ^= x >> np.uint64(16)
+                        x = (x * np.uint64(0x7FEB352D)) & m32
+                        x ^= x >> np.uint64(15)
+                        x = (x * np.uint64(0x846CA68B)) & m32
+                        x ^= x >> np.uint64(16)
+                    row[j] = row[j] * (s if x >= thr else zero)
+    return finite
+
+@nb.njit(**_OPTS)
+def _count4(row: Any, n: int, flo: Any, fhi: Any) -> Any:
+    le_lo = 0
+    lt_lo = 0
+    lt_hi = 0
+    le_hi = 0
+    for j in range(n):
+        a = abs(row[j])
+        le_lo += a <= flo
+        lt_lo += a < flo
+        lt_hi += a < fhi
+        le_hi += a <= fhi
+    return le_lo, lt_lo, lt_hi, le_hi
+
+
+@nb.njit(**_OPTS)
+def _gather(row: Any, n: int, flo: Any, fhi: Any, inside: Any) -> int:
+    k = 0
+    for j in range(n):
+        a = abs(row[j])
+        if (a > flo) & (a < fhi):  # one predictable branch (inside is rare), no short-circuit branch
+            inside[k] = a
+            k += 1
+    return k
+
+
+@nb.njit(**_OPTS)
+def count(row: Any, n: int, lo: float, hi: float, has_lo: bool, has_hi: bool, inside: Any) -> Any:
+    """Counts of |x| <= lo, < lo, < hi, <= hi; the magnitudes strictly inside (lo, hi) go to ``inside``
+    (a missing bound is -inf / +inf; its counts are then meaningless and unused)."""
+    flo = np.float32(lo) if has_lo else np.float32(-np.inf)
+    fhi = np.float32(hi) if has_hi else np.float32(np.inf)
+    le_lo, lt_lo, lt_hi, le_hi = _count4(row, n, flo, fhi)
+    k = _gather(row, n, flo, fhi, inside) if lt_hi - le_lo > 0 else 0  # lt_hi - le_lo entries are inside
+    return le_lo, lt_lo, lt_hi, le_hi, k
+
+
+@nb.njit(**_OPTS)
+def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: Any, scaling: float,
+               maj: float, maj_known: bool, tot: Any, acc: Any, out: Any, flag: Any, amb_idx: Any, amb_pos: Any,
+               amb_neg: Any) -> Any:
+    """TIES on prepared (DARE-masked) task vectors ``tv[:, :n]``: trim, weight, elect, disjoint mean, scale,
+    add the base (into ``out``); the same float32 operations as ties.TiesBlockwise.merge. Returns (finite,
+    sum of elected signs, number of undecided entries, recorded in amb_*).
+
+    The disjoint mean for an elected sign s sums c_i = max(t_i s, 0): for s = +1 that is max(t_i, 0), for
+    s = -1 max(-t_i, 0). Both sums (and their weight sums) are accumulated for every entry, and each entry
+    takes the pair of its sign: the same operations as computing with s directly, and for the entries whose
+    sign is undecided (0, with some non-zero t_i) both candidates are at hand."""
+    T = tv.shape[0]
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for i in range(T):
+        row = tv[i]
+        if use_thr[i]:
+            t = np.float32(thr[i])
+            for j in range(n):
+                row[j] = row[j] * (one if abs(row[j]) >= t else zero)
+        wi = np.float32(w[i])
+        if wi != one:
+            for j in range(n):
+                row[j] = row[j] * wi
+    for j in range(n):
+        tot[j] = tv[0, j]
+    for i in range(1, T):
+        row = tv[i]
+        for j in range(n):
+            tot[j] = tot[j] + row[j]
+    signsum = 0
+    for j in range(n):  # tot becomes the elected sign
+        x = tot[j]
+        tot[j] = one if x > zero else (-one if x < zero else zero)
+    if maj_known:
+        m = np.float32(maj)
+        for j in range(n):
+            if tot[j] == zero:
+                tot[j] = m
+    else:
+        for j in range(n):
+            signsum += np.int64(tot[j])
+    pn = acc[0]
+    pd = acc[1]
+    nn = acc[2]
+    nd = acc[3]
+    for j in range(n):
+        pn[j] = zero
+        pd[j] = zero
+        nn[j] = zero
+        nd[j] = zero
+    for i in range(T):
+        row = tv[i]
+        wi = np.float32(w[i])
+        for j in range(n):
+            t = row[j]
+            cp = t if t > zero else zero
+            cn = -t if -t > zero else zero
+            pn[j] = pn[j] + cp
+            pd[j] = pd[j] + wi * (one if cp > zero else zero)
+            nn[j] = nn[j] + cn
+            nd[j] = nd[j] + wi * (one if cn > zero else zero)
+    finite = True
+    sc = np.float32(scaling)
+    for j in range(n):
+        s = tot[j]
+        p = pn[j]  # every operand loaded first: the choices below are selects, not branches
+        q = nn[j]
+        dp = pd[j]
+        dq = nd[j]
+        nu = p if s > zero else q
+        nu = nu if s != zero else zero
+        de = dp if s > zero else dq
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        finite &= np.isfinite(v)
+        out[j] = bf[j] + v
+    namb = 0
+    if not maj_known:
+        cnt = 0
+        for j in range(n):  # undecided: sign 0 with some non-zero entry (a flag pass, then the sparse gather)
+            f = (tot[j] == zero) & ((pn[j] + nn[j]) > zero)
+            flag[j] = f
+            cnt += f
+        for j in range(n if cnt else 0):
+            if flag[j]:
+                de = pd[j] + (one - (one if pd[j] > zero else zero))
+                amb_pos[namb] = ((pn[j] / de) * one + zero) * sc
+                de = nd[j] + (one - (one if nd[j] > zero else zero))
+                amb_neg[namb] = ((nn[j] / de) * -one + zero) * sc
+                amb_idx[namb] = start + j
+                namb += 1
+    return finite, signsum, namb
+
+
+@nb.njit(**_OPTS)
+def ties_sweep_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any, tv: Any, start: int, keys: Any,
+                     dthr: int, dscale: float, use_drop: bool, active: Any, lo: Any, hi: Any, has_lo: Any,
+                     has_hi: Any, counts: Any, inside: Any, ninside: Any) -> bool:
+    """A chunk of a statistics sweep: per active expert, the four counts (added to ``counts[i]``) and the
+    magnitudes inside its bracket (appended to ``inside[i]`` from ``ninside[i]`` on). False: non-finite input."""
+    n = base.size
+    finite = True
+    for s0 in range(0, n, SUB):
+        m = min(SUB, n - s0)
+        _load(base, experts, s0, m, in_bf16, b_u, t_u, tv)
+        finite &= prepare(tv, m, start + s0, keys, dthr, dscale, use_drop)
+        for i in range(tv.shape[0]):
+            if active[i]:
+                a, b, c, d, k = count(tv[i], m, lo[i], hi[i], has_lo[i], has_hi[i], inside[i, ninside[i]:])
+                counts[i, 0] += a
+                counts[i, 1] += b
+                counts[i, 2] += c
+                counts[i, 3] += d
+                ninside[i] += k
+    return finite
+
+
+@nb.njit(**_OPTS)
+def ties_merge_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any, tv: Any, start: int, keys: Any,
+                     dthr: int, dscale: float, use_drop: bool, thr: Any, use_thr: Any, w: Any, scaling: float,
+                     maj: float, maj_known: bool, tot: Any, acc: Any, res: Any, flag: Any, amb_idx: Any,
+                     amb_pos: Any, amb_neg: Any, out: Any, out_bf16: bool) -> Any:
+    """A chunk of the merge sweep, in sub-blocks: load, DARE, TIES, store to ``out`` (bfloat16 bits or float32).
+    Returns (finite, sum of elected signs, undecided entries recorded in amb_*)."""
+    n = base.size
+    finite = True
+    signsum = 0
+    namb = 0
+    for s0 in range(0, n, SUB):
+        m = min(SUB, n - s0)
+        _load(base, experts, s0, m, in_bf16, b_u, t_u, tv)
+        finite &= prepare(tv, m, start + s0, keys, dthr, dscale, use_drop)
+        ok, ss, na = ties_merge(tv, b_u.view(np.float32), m, start + s0, thr, use_thr, w, scaling, maj, maj_known,
+                                tot, acc, res, flag, amb_idx[namb:], amb_pos[namb:], amb_neg[namb:])
+        finite &= ok
+        signsum += ss
+        namb += na
+        _store(res, m, out, s0, out_bf16)
+    return finite, signsum, namb
+
+
+KERNELS = {"bf16": linear_bf16, "f32": linear_f32, "load_bf16": load_bf16, "load_f32": load_f32,
+           "prepare": prepare, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
+           "load": _load, "ties_sweep_chunk": ties_sweep_chunk, "ties_merge_chunk": ties_merge_chunk}

@@ -1,0 +1,263 @@
+"""Fused elementwise kernels for the engine's streaming path (numba: compiled on first use, cached on disk).
+
+A linear merge (task arithmetic, weight average) costs per element T + 1 loads and conversions, T subtractions,
+T - 1 additions, one scaling, one addition and one rounding to the output dtype. With torch each of these is a
+kernel call per 64K-element block (a few microseconds of dispatch each, and a pass over the block); the
+kernels here do all of them in one compiled call per block. They perform the same IEEE float32 operations in the
+same order as the torch path (``weighted_sum`` with unit weights, then the method's scaling, then ``W0 + delta``
+rounded to the output dtype with round-to-nearest-even), so the output is bit-identical; tests compare the two.
+
+Used when numba is installed and the inputs are all bfloat16 or all float32, the output bfloat16 or float32,
+and the weights are 1 (torch's ``add(alpha=w)`` may fuse a multiply-add, which a plain kernel would not
+reproduce bit for bit). Anything else takes the torch path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+_lock = threading.Lock()
+_compiled: dict[str, Any] | None = None
+_failed = False
+
+#: how the summed task vectors are scaled: none, multiplied (task arithmetic), divided (weight average)
+MODES = {"none": 0, "mul": 1, "div": 2}
+
+
+def _build() -> dict[str, Any] | None:
+    from omnimerge._kernels_nb import KERNELS
+
+    return KERNELS
+
+
+_warm = threading.Event()
+_warm_thread: threading.Thread | None = None
+
+
+def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: bool = False) -> None:
+    """Load the compiled kernels for this dtype combination on a background thread (``import numba`` and loading
+    the cached machine code take ~0.5 s): merging starts at once on the torch path and switches to the kernels,
+    chunk by chunk, as soon as :func:`ready` says so. Both give the same bits."""
+    global _warm_thread
+    if _warm_thread is not None:
+        return
+    _warm.clear()
+
+    def work() -> None:
+        try:
+            if _kernels() is None:
+                return
+            n = 8
+            base = torch.zeros(n, dtype=in_dtype)
+            if ties:
+                from omnimerge.methods.base import TensorContext
+                from omnimerge.methods.ties import TiesBlockState
+
+                st = TiesBlockState(TensorContext(name="warm-up"), n, 0.5, (1.0,) * experts, 1.0, 0.5, 4,
+                                    [None] * experts, None, [None] * experts)
+                tb = TiesBlocks(st, in_dtype, out_dtype, n)
+                tb.merge(st, 0, base, [base] * experts)
+            else:
+                lin = LinearBlocks(in_dtype, out_dtype, n, 1.0, "mul")
+                lin(base, [base] * experts)
+        except Exception:  # noqa: BLE001 - best effort: the first real call compiles (or fails) as usual
+            pass
+        finally:
+            _warm.set()
+
+    _warm_thread = threading.Thread(target=work, name="omnimerge-kernels", daemon=True)
+    _warm_thread.start()
+
+
+def wait() -> None:
+    """Block until a :func:`preload` in progress has finished (tests use it to make the kernel path certain)."""
+    if _warm_thread is not None:
+        _warm_thread.join()
+
+
+def ready() -> bool:
+    """Whether the kernels may be called without waiting for them to load (see :func:`preload`)."""
+    if _warm_thread is None:
+        return _kernels() is not None
+    return _warm.is_set() and _compiled is not None
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (numba importable and compiling)."""
+    return _kernels() is not None
+
+
+def _kernels() -> dict[str, Any] | None:
+    global _compiled, _failed
+    if _compiled is not None or _failed:
+        return _compiled
+    with _lock:
+        if _compiled is None and not _failed:
+            try:
+                _compiled = _build()
+            except Exception:  # noqa: BLE001 - no numba, or it cannot compile here: the torch path is used
+                _failed = True
+    return _compiled
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+#: entries per kernel call: large enough that the Python around a call (which holds the GIL) is a few percent of
+#: the call (which releases it), so that worker threads really run in parallel; kernels work in 64K sub-blocks
+CHUNK = 1 << 20
+SUB = 1 << 16
+
+
+class LinearBlocks:
+    """Merges chunks of one tensor: ``W0 + op(sum_i (W_i - W0))`` (op: scale by ``scale`` or divide by it),
+    rounded to the output dtype. ``supports`` says whether a dtype combination is handled."""
+
+    def __init__(self, in_dtype: torch.dtype, out_dtype: torch.dtype, chunk: int, scale: float, mode: str) -> None:
+        assert _kernels() is not None
+        from omnimerge._kernels_fused import LINEAR
+
+        self.loops = LINEAR
+        # delta = (sum * sm) / sd: x * 1 and x / 1 are exact, so one loop serves all three modes
+        s = np.float32(scale)
+        one = np.float32(1.0)
+        self.sm, self.sd = {"none": (one, one), "mul": (s, one), "div": (one, s)}[mode]
+        self.acc = np.empty(chunk, np.float32)  # the running sum when there are more than 4 experts
+        self.out = torch.empty(chunk, dtype=out_dtype)
+
+    @staticmethod
+    def supports(in_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, compute: torch.dtype) -> bool:
+        if compute != torch.float32 or out_dtype not in (torch.bfloat16, torch.float32):
+            return False
+        if len(set(in_dtypes)) != 1 or in_dtypes[0] not in (torch.bfloat16, torch.float32):
+            return False
+        return _kernels() is not None
+
+    def __call__(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The merged chunk in the output dtype (a view of a reused buffer), or None if the delta is not finite.
+        Experts go through fused loops in groups of up to 4 (one pass over the inputs per group)."""
+        n = base.numel()
+        out = self.out[:n]
+        b, o, acc = _np(base), _np(out), self.acc[:n]
+        es = [_np(e) for e in experts]
+        ok = True
+        for g in range(0, len(es), 4):
+            group = es[g : g + 4]
+            last = g + 4 >= len(es)
+            loop = self.loops[(len(group), g > 0, not last)]
+            ok = loop(b, *(group + [group[0]] * (4 - len(group))), acc, self.sm, self.sd, o)
+        return out if ok else None
+
+
+class TiesBlocks:
+    """Compiled TIES / DARE-TIES over raw (bfloat16 or float32) input chunks, for the engine's block-wise path:
+    ``sweep`` and ``merge`` do what :class:`omnimerge.methods.ties.TiesBlockwise` does on torch task vectors, with
+    the same float32 operations (tests check the outputs bit for bit), one compiled call per chunk."""
+
+    def __init__(self, st: Any, in_dtype: torch.dtype, out_dtype: torch.dtype, chunk: int) -> None:
+        from omnimerge.methods.ties import dare_key
+
+        k = _kernels()
+        assert k is not None
+        self.k = k
+        self.in_bf16 = in_dtype == torch.bfloat16
+        T = len(st.weight)
+        self.tv = np.empty((T, SUB), np.float32)
+        self.b_u = np.empty(SUB, np.uint32)
+        self.t_u = np.empty(SUB, np.uint32)
+        self.tot = np.empty(SUB, np.float32)
+        self.acc = np.empty((4, SUB), np.float32)
+        self.res = np.empty(SUB, np.float32)
+        self.flag = np.empty(SUB, np.bool_)
+        self.amb_idx = np.empty(chunk, np.int64)
+        self.amb_pos = np.empty(chunk, np.float32)
+        self.amb_neg = np.empty(chunk, np.float32)
+        self.chunk = chunk
+        self.inside: np.ndarray | None = None
+        self.use_drop = st.drop_rate > 0.0
+        self.keys = np.array([dare_key(st.ctx, i) for i in range(T)] if self.use_drop else [(0, 0, 0)] * T,
+                             dtype=np.int64)
+        self.dthr = round(st.drop_rate * 2.0**32)
+        self.dscale = float(np.float32(1.0 / (1.0 - st.drop_rate))) if self.use_drop else 1.0
+        self.w = np.array(st.weight, dtype=np.float32)
+        self.out_bf16 = out_dtype == torch.bfloat16
+        self.out = torch.empty(chunk, dtype=out_dtype)
+
+    @staticmethod
+    def supports(st: Any, in_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, compute: torch.dtype) -> bool:
+        if not LinearBlocks.supports(in_dtypes, out_dtype, compute):
+            return False
+        return all(w > 0.0 for w in st.weight)  # the mask-free disjoint mean (see ties._disjoint_mean)
+
+    def _drop(self) -> tuple[Any, ...]:
+        return self.keys, self.dthr, self.dscale, self.use_drop
+
+    def sweep(self, st: Any, start: int, base: torch.Tensor, raws: Sequence[torch.Tensor]) -> bool:
+        """One chunk of a statistics sweep (the brackets of the k-th magnitudes). False: a non-finite input."""
+        T = len(st.brackets)
+        if any(b is not None and b.collect_all for b in st.brackets):
+            return self._sweep_collect(st, start, base, raws)
+        if self.inside is None:
+            self.inside = np.empty((T, self.chunk), np.float32)
+        active = np.array([b is not None for b in st.brackets], dtype=np.bool_)
+        lo = np.array([b.lo if b is not None and b.lo is not None else 0.0 for b in st.brackets], np.float64)
+        hi = np.array([b.hi if b is not None and b.hi is not None else 0.0 for b in st.brackets], np.float64)
+        has_lo = np.array([b is not None and b.lo is not None for b in st.brackets], dtype=np.bool_)
+        has_hi = np.array([b is not None and b.hi is not None for b in st.brackets], dtype=np.bool_)
+        counts = np.zeros((T, 4), np.int64)
+        ninside = np.zeros(T, np.int64)
+        ok = self.k["ties_sweep_chunk"](_np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u,
+                                        self.tv, start, *self._drop(), active, lo, hi, has_lo, has_hi, counts,
+                                        self.inside, ninside)
+        if not ok:
+            return False
+        for i, b in enumerate(st.brackets):
+            if b is None:
+                continue
+            b.le_lo += int(counts[i, 0])
+            b.lt_lo += int(counts[i, 1])
+            b.lt_hi += int(counts[i, 2])
+            b.le_hi += int(counts[i, 3])
+            b.inside.append(self.inside[i, : ninside[i]].copy())
+        return True
+
+    def _sweep_collect(self, st: Any, start: int, base: torch.Tensor, raws: Sequence[torch.Tensor]) -> bool:
+        """The rare sweep after a missed bracket: every magnitude of the experts concerned is kept."""
+        n = base.numel()
+        b_np, r_np = _np(base), tuple(_np(r) for r in raws)
+        for s0 in range(0, n, SUB):
+            m = min(SUB, n - s0)
+            self.k["load"](b_np, r_np, s0, m, self.in_bf16, self.b_u, self.t_u, self.tv)
+            if not self.k["prepare"](self.tv, m, start + s0, *self._drop()):
+                return False
+            for i, b in enumerate(st.brackets):
+                if b is not None and b.collect_all:
+                    b.inside.append(np.abs(self.tv[i, :m]))
+        return True
+
+    def merge(self, st: Any, start: int, base: torch.Tensor, raws: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The merged chunk in the output dtype (a reused buffer), or None for a non-finite input or delta."""
+        out = self.out[: base.numel()]
+        thr = np.array([t if t is not None else 0.0 for t in st.thresholds], dtype=np.float32)
+        use_thr = np.array([t is not None for t in st.thresholds], dtype=np.bool_)
+        finite, signsum, namb = self.k["ties_merge_chunk"](
+            _np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u, self.tv, start, *self._drop(),
+            thr, use_thr, self.w, st.scaling, st.majority if st.majority is not None else 0.0,
+            st.majority is not None, self.tot, self.acc, self.res, self.flag, self.amb_idx, self.amb_pos,
+            self.amb_neg, _np(out), self.out_bf16)
+        if not finite:
+            return None
+        st.signsum += int(signsum)
+        if namb:
+            st.fix_idx.append(self.amb_idx[:namb].copy())
+            st.fix_pos.append(torch.from_numpy(self.amb_pos[:namb].copy()))
+            st.fix_neg.append(torch.from_numpy(self.amb_neg[:namb].copy()))
+        return out
