@@ -279,3 +279,17 @@ def test_compiled_linear_kernel_groups_of_four(models: Path, tmp_path: Path, ker
     fast = _run(models, tmp_path, r, "fast")
     assert kernel_calls
     _same(fast, _run(models, tmp_path, r, "slow", use_kernels=False))
+
+
+def test_compiled_ties_more_than_four_experts(models: Path, tmp_path: Path, patches: list[int]) -> None:
+    """6 experts through the compiled TIES path: same bits as torch."""
+    from omnimerge import kernels
+
+    kernels.preload(torch.bfloat16, torch.bfloat16, 3, ties=True)
+    kernels.wait()
+    for method, params in (("ties", {"scaling": 1.0, "density": 0.3}),
+                           ("dare_ties", {"scaling": 0.9, "drop_rate": 0.4, "density": 0.5, "seed": 2})):
+        r = _recipe(models, method, **params)
+        r["models"] = r["models"] + r["models"][::-1]  # 6 experts
+        fast = _run(models, tmp_path, r, f"fast-{method}")
+        _same(fast, _run(models, tmp_path, r, f"slow-{method}", use_kernels=False))
