@@ -65,8 +65,9 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
             else:
                 lin = LinearBlocks(in_dtype, out_dtype, n, 1.0, "mul")
                 lin(base, [base] * experts)
-        except Exception:  # noqa: BLE001 - best effort: the first real call compiles (or fails) as usual
-            pass
+        except Exception:  # noqa: BLE001 - kernels that do not compile here are not used: the torch path runs
+            global _compiled, _failed
+            _compiled, _failed = None, True
         finally:
             _warm.set()
 

@@ -7,38 +7,64 @@ def _targets(res: dict) -> str:
     lines = []
     for c in res["cases"]:
         for method, e in c["methods"].items():
-            o, m, nh = e.get("omnimerge"), e.get("mergekit"), e.get("omnimerge_nohash")
+            o, m, ns = e.get("omnimerge"), e.get("mergekit"), e.get("omnimerge_nosync")
             if not (o and m):
                 continue
             sp = m["wall"] / o["wall"]
-            sp_merge = m["wall"] / nh["wall"] if nh else None
+            sp_ns = m["wall"] / ns["wall"] if ns else None
             want = 3.0 if method in ("task_arithmetic", "linear") else 10.0
             lim = o["wall"] / c["cat_s"]
-            lim_merge = (nh["merge_s"] / c["cat_s"]) if nh else None
+            lim_merge = (ns or o)["merge_s"] / c["cat_s"]
+            verdict = "met" if sp >= want else ("met with --no-sync" if sp_ns and sp_ns >= want else "not met")
             lines.append(
-                f"| {c['model']} T={c['T']} | {method} | {sp:.1f}× (≥ {want:g}×: {'met' if sp >= want else 'not met'})"
-                + (f"; {sp_merge:.1f}× without input hashing" if sp_merge else "")
-                + f" | {lim:.0f}× the cat time"
-                + (f" ({lim_merge:.0f}× for the merge alone, no hashing)" if lim_merge else "")
-                + (" (target ≤ 4×: " + ("met" if lim <= 4 else "not met") + ")" if method == "task_arithmetic" else "")
+                f"| {c['model']} T={c['T']} | {method} | {sp:.1f}×"
+                + (f" / {sp_ns:.1f}× with --no-sync" if sp_ns else "")
+                + f" (≥ {want:g}×: {verdict})"
+                + f" | {lim:.0f}× the cat time; merge alone {lim_merge:.1f}×"
+                + (" (target ≤ 4×: " + ("met" if lim <= 4 else ("merge alone met" if lim_merge <= 4 else "not met"))
+                   + ")" if method == "task_arithmetic" else "")
                 + f" | {o['max_rss'] / 1e9:.2f} vs {m['max_rss'] / 1e9:.2f} GB: "
                 + ("met" if o["max_rss"] <= m["max_rss"] else "not met")
                 + " |"
             )
-    return "\n".join(["| case | method | speed-up vs mergekit | wall ÷ cat | peak RSS omnimerge vs mergekit |",
-                      "|---|---|---|---|---|"] + lines)
+    return "\n".join(["| case | method | speed-up vs mergekit (default / --no-sync) | wall ÷ cat | "
+                      "peak RSS omnimerge vs mergekit |", "|---|---|---|---|---|"] + lines)
 
 
-def _nohash(res: dict) -> str:
-    rows = ["| model | T | method | wall s, default | wall s, no input hashing | merge s (in-process), default / no hashing | CPU s default / no hashing |",
-            "|---|---|---|---|---|---|---|"]
+def _sync(res: dict) -> str:
+    rows = ["| model | T | method | wall s, default (fsync) | wall s, --no-sync | merge s default / --no-sync | "
+            "CPU s default / --no-sync | import s |", "|---|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
         for method, e in c["methods"].items():
-            o, nh = e.get("omnimerge"), e.get("omnimerge_nohash")
-            if o and nh:
-                rows.append(f"| {c['model']} | {c['T']} | {method} | {o['wall']:.2f} | {nh['wall']:.2f} | "
-                            f"{o['merge_s']:.2f} / {nh['merge_s']:.2f} | {o['cpu']:.1f} / {nh['cpu']:.1f} |")
+            o, ns = e.get("omnimerge"), e.get("omnimerge_nosync")
+            if o and ns:
+                rows.append(f"| {c['model']} | {c['T']} | {method} | {o['wall']:.2f} | {ns['wall']:.2f} | "
+                            f"{o['merge_s']:.2f} / {ns['merge_s']:.2f} | {o['cpu']:.1f} / {ns['cpu']:.1f} | "
+                            f"{o.get('import_s', 0):.2f} |")
     return "\n".join(rows)
+
+
+def _scaling(res: dict) -> str:
+    def wall(model: str, T: int, method: str, key: str) -> float | None:
+        for c in res["cases"]:
+            if c["model"] == model and c["T"] == T and method in c["methods"]:
+                o = c["methods"][method].get(key)
+                return o["wall"] if o else None
+        return None
+
+    out = []
+    for key, what in (("omnimerge", "default"), ("omnimerge_nosync", "--no-sync")):
+        for method in ("task_arithmetic", "ties"):
+            ts = [(T, wall("qwen2-0.5b", T, method, key)) for T in (2, 3, 5)]
+            ts = [(T, w) for T, w in ts if w]
+            if len(ts) >= 2:
+                per = ", ".join(f"T = {T}: {w:.1f} s" for T, w in ts)
+                out.append(f"{method} on 0.5B ({what}), wall: {per}")
+            a, b = wall("qwen2-0.5b", 3, method, key), wall("qwen2-1.5b", 3, method, key)
+            if a and b:
+                out.append(f"{method} 0.5B → 1.5B (3.1× the bytes, {what}), T = 3: {a:.1f} s → {b:.1f} s "
+                           f"({b / a:.1f}×)")
+    return "; ".join(out)
 
 
 def render(res: dict, table_mk: str, table_scaling: str, imgs: list[str], extra: str = "") -> str:
@@ -59,7 +85,7 @@ def render(res: dict, table_mk: str, table_scaling: str, imgs: list[str], extra:
 Measured with one command (from the repository root, in omnimerge's environment):
 
 ```
-python -m benchmarks.perf.run --with-mergekit          # everything below (about 45 min on 2 cores, mostly mergekit)
+python -m benchmarks.perf.run --with-mergekit          # everything below (about 30 min on 2 cores, mostly mergekit)
 python -m benchmarks.perf.run --quick                  # smoke test: a tiny model, one repeat
 python -m benchmarks.perf.run --report-only            # re-render this page from benchmarks/perf/results/latest.json
 python benchmarks/bench_merge.py                       # 3 experts of a ~1.5 GB checkpoint: wall, MB/s, peak RSS
@@ -68,8 +94,9 @@ python benchmarks/bench_merge.py                       # 3 experts of a ~1.5 GB 
 `--with-mergekit` installs mergekit 0.1.5 into its own virtual environment (`DATA_DIR/mergekit-venv`,
 torch 2.13.0 CPU first) unless `--mergekit-venv` points at one. mergekit's TIES and DARE-TIES take minutes
 per case, so they run once; `--mergekit-from results.json` reuses their timings (and their outputs, kept
-under `DATA_DIR/runs`) from an earlier run. This page was produced with the mergekit TIES/DARE-TIES timings
-from such an earlier run (`benchmarks/perf/results/mergekit.json`); the other numbers are from this run.
+under `DATA_DIR/runs`) from an earlier run. This page was produced with mergekit's 0.5B TIES and DARE-TIES
+timings from such an earlier run on the same quiet machine the same night (load ~1.3–1.4,
+`--mergekit-from`); everything else, mergekit's other runs included, is from this run.
 
 ## Set-up
 
@@ -109,10 +136,16 @@ from such an earlier run (`benchmarks/perf/results/mergekit.json`); the other nu
   while the 92% of elements away from the threshold are bit-identical. DARE's masks differ by construction (and mergekit
   rescales to keep the L1 norm, omnimerge by 1/(1−p)): compared by the fraction of entries changed from the
   base and the relative delta norm.
-- **omnimerge's model card** records the sha256 of every input file, hashed on a background thread during the
-  merge. On this machine sha256 runs at ~0.55 GB/s (OpenSSL without SHA extensions in this VM), so hashing
-  costs ~1.8 CPU-s per GB of input: on 2 cores it is a large part of the cheap merges. The runs "without input
-  hashing" (`omnimerge.merge(..., hash_inputs=False)`) show the merge itself.
+- **Durability**: by default omnimerge flushes the output to disk (`fsync`) before it renames it into place, so
+  a merge that returned is on disk; mergekit (like `save_pretrained`) leaves its output in the page cache. On this
+  VM the disk writes ~0.4–0.9 GB/s, so the fsync of the 1–3 GB outputs is a floor of its own. The runs with
+  `--no-sync` (`omnimerge.merge(..., sync=False)`) do what mergekit does and are the like-for-like comparison;
+  both are shown.
+- **Input digests**: omnimerge's model card records an XXH3-128 digest of every input file (`--hash sha256` for
+  sha256, `--hash none` for none), hashed on a background thread through memory-mapped windows at ~16 GB/s:
+  ~0.06 CPU-s per GB. Every timed run hashes its inputs (an empty digest cache each time).
+- **Startup**: wall times include the interpreter and imports (torch: ~1.2 s; numba and the cached kernels:
+  ~0.5 s more, loaded on a background thread while the first chunks merge on the torch path).
 
 ## omnimerge vs mergekit vs the read limit
 
@@ -126,75 +159,85 @@ from such an earlier run (`benchmarks/perf/results/mergekit.json`); the other nu
 
 ![time against the number of experts]({imgs[1]})
 
-## Cost of the input hashing (model card sha256)
+## Durable (fsync) and --no-sync output
 
-{_nohash(res)}
+{_sync(res)}
 
 ## Targets
 
 {_targets(res)}
 
-Time against size and T (the scaling table and plots): every tensor is read once per input and the
-per-element work is a fixed number of passes per input, so task arithmetic is linear (0.5B: 5.8 / 9.1 / 11.7 s
-wall for T = 2 / 3 / 5, including ~2 s of process start; 0.5B → 1.5B, 3.1× the bytes: 2.8× the time). TIES grows
-somewhat faster than linearly (0.5B: 12 / 15 / 19 s per expert for T = 2 / 3 / 5; 1.5B: 3.5× the 0.5B time),
-because its whole-tensor float32 working set, (T + ~5) × the largest tensor, grows with T and the model.
+Time against size and T (the scaling table and plots): {_scaling(res)}. Every tensor is read once per input
+per sweep and the per-element work is a fixed number of operations per input, so time is linear in the bytes
+merged (plus the fixed startup of ~1.5–2 s); TIES adds one counting sweep for its thresholds. The default runs
+also wait for the disk (fsync), which on this VM is shared with the page cache's writeback of the previous
+runs' outputs (mergekit's are never fsync'ed): that, not the merge, makes e.g. TIES at T = 2 slower than at
+T = 3 in the default column; the --no-sync column shows the merge's own scaling.
 
 ## What was done for speed (and what bounds it now)
 
-- **Fused, cache-blocked elementwise merges** (`engine._merge_job_fused`, used by task arithmetic and weight
-  average): each tensor is streamed in 64K-element blocks straight from the memory-mapped inputs: convert the
-  bf16 block, subtract, merge, add to the base, convert, `pwrite` the block at its planned offset
-  (`ShardedWriter.write_part`). No full-size float32 copies of the base and the T task vectors; every element
-  goes through the same operations as the whole-tensor path, so the output is **bit-identical** (checked file by
-  file against the previous code on the 0.5B model, for linear, task arithmetic, TIES and DARE-TIES, and on a
-  tiny model with non-uniform weights). Worker threads run one tensor each with one intra-op thread each (the
-  OpenMP thread count is per thread), so both cores work on independent tensors.
-- **Finiteness check by a sum**: the check that no task vector holds NaN/Inf was `isfinite(tv).all()` per expert
-  and tensor: over half of the merge time. A sum propagates NaN/Inf and costs a fraction of it; only a
-  non-finite sum falls back to the exact test, so the errors are unchanged.
-- **Selection instead of sorting for TIES** (`ties.kth_smallest`): the trim threshold is the exact
-  `kthvalue`, found by bracketing it with a strided sample of 64K entries, counting, and sorting only the few
-  percent of entries strictly inside the bracket (ties at the bracket ends settle it outright). Exact (verified,
-  with a fallback to `kthvalue`), about 4–6× faster than `kthvalue` on real task vectors, and it avoids
-  `kthvalue`'s quadratic worst case on sorted inputs.
-- **Small resident set**: input pages are unmapped from the process as soon as they are merged
-  (`MADV_DONTNEED` on the private read-only mapping: the page cache keeps them), every 2 M elements in the fused
-  path and after each tensor otherwise; the next jobs' inputs are prefetched (`MADV_WILLNEED`), so with a cold
-  page cache disk reads overlap with compute. Copied tensors still go through `copy_file_range`.
-- **What bounds it now**: process start (~2–3 s of imports: torch), the sha256 of the inputs for the model card
-  (~1.8 CPU-s/GB here), the fsync of the output (the data must reach the disk: ~1 GB/s), and for TIES the
-  elementwise passes of the sign election and disjoint mean over float32 tensors (about 15 full passes per
-  expert); for DARE the Bernoulli masks (torch's CPU generator). mergekit's TIES sorts every task vector
-  (`argsort`) and computes in bf16; its DARE draws the same number of random numbers.
+- **Compiled fused kernels** (`omnimerge/kernels.py`, numba, machine code cached on disk): task arithmetic and
+  weight average run one single-pass loop per 1M-element chunk that reads every input once and writes the output
+  once (generated for 1–4 experts per pass by `tools/gen_kernels.py`; more experts carry the running sum between
+  passes): ~0.5 ns per element for three bf16 experts on one core, against ~3 ns for the same operations as
+  torch kernel calls on 64K blocks. TIES and DARE-TIES run their counting sweep and merge as compiled calls per
+  chunk (cache-sized sub-blocks inside). The kernels perform the same IEEE float32 operations in the same order
+  as the torch path, so the outputs are **bit-identical** (tests compare both paths on every method, dtype and
+  expert count, including the ambiguous-sign fix-ups). They load in the background; until then chunks take the
+  torch path (same bits).
+- **Block-wise TIES / DARE-TIES** (`methods/ties.py: TiesBlockwise`): the per-tensor trim threshold is found
+  exactly without holding the tensor: a strided sample brackets the k-th magnitude, one counting sweep places it
+  (entries strictly inside the bracket, a few percent, are kept and partially sorted); the merge sweep streams;
+  entries whose elected sign is 0 are amended in the output once the tensor's majority sign is known. Working
+  memory is a few blocks per worker instead of (T + 5) float32 copies of the largest tensor: peak RSS fell from
+  ~6 GB (0.5B) / ~10 GB (1.5B) to the numbers above.
+- **Counter-based DARE masks**: entry j of expert i is kept iff a 32-bit hash of (j, key(seed, tensor, i)) ≥ p·2³²
+  (cheaper than torch's CPU generator, and the same for any block size, worker count, merge order or device).
+- **Parallel workers that really run in parallel**: streamed jobs are budgeted by their block memory; the budget
+  had been the largest whole-tensor cost, which let a large streamed tensor run only alone. Kernel calls release
+  the GIL and do ~1 ms of work each.
+- **Output**: shards are written in place (`pwrite`) as chunks finish and flushed by a background thread every
+  64 MB, so the final fsync waits only for the tail (1.2 s → ~0.2 s for 1 GB). `--no-sync` skips it.
+- **Model card digests**: XXH3-128 through mmap windows (sha256 had cost ~1.8 CPU-s per GB here).
+- **Interpreter**: cyclic GC paused during the stream and the torch import and frozen after it (~0.35 s).
+- **What bounds it now**: process start (~1.3 s, torch) plus kernel loading (~0.5 s, partly overlapped), the
+  disk for durable output, memory bandwidth for the cheap merges (2 cores share it with the digest thread), and
+  for DARE-TIES the hash and the disjoint mean of the chunked kernel (~9 ns per element for 3 experts: its
+  per-element loop is not vectorised yet). mergekit's TIES fully sorts every task vector (`argsort`) and works
+  in bf16.
 
 ## `benchmarks/bench_merge.py` (three experts of a ~1.5 GB checkpoint)
 
 A Qwen2-shaped model of 748M parameters (1.5 GB in bf16), base + 3 experts (5.98 GB), task arithmetic with the
 recipe's default selection (the language model's linear weights merged, the rest copied), through
-`omnimerge merge`. One run on the shared machine (load 4.6):
+`omnimerge merge`. One run on the quiet machine (load 1.3):
 
 ```
-done task_arithmetic: merged 84 tensors, copied 62 from the base, 8.39 s (713 MB/s of input)
-wall time        10.39 s   (process start included; CPU 9.8 s; load 4.58)
-input throughput 576 MB/s
-peak RSS         320 MB   (anonymous 183 MB)
+done task_arithmetic: merged 84 tensors, copied 62 from the base, 2.40 s (2497 MB/s of input)
+wall time        3.93 s   (process start included; CPU 4.5 s; load 1.34)
+input throughput 1521 MB/s
+peak RSS         502 MB   (anonymous 242 MB)
 ```
+
+(The previous round: 10.39 s wall, 576 MB/s, 320 MB, under load 4.6.)
 
 Peak RSS stays far under the 1 GB bound (the script exits 1 above `--rss-limit-gb`, default 1).
 
 ## Before and after (omnimerge alone, same inputs, back to back)
 
-In-process `MergeReport.seconds` of the previous engine (git HEAD before these changes) and of this one, on the
-0.5B model with T = 3, every tensor merged, 2 workers, input hashing on (the load average of the shared machine
-in brackets; both runs of a pair under the same load). The outputs of each pair are **byte-identical** (`cmp`
-of the output shards).
+The previous round's engine (git `0678309`) and this one, on the 0.5B model with T = 3, every tensor merged, each
+with its defaults (2 workers; the old one hashed the inputs with sha256, the new one with XXH3), one run each,
+back to back on the quiet machine (the old engine from a `git worktree`). In-process
+`MergeReport.seconds`, wall time, peak RSS:
 
-| method | before | after |
-|---|---|---|
-| task arithmetic | 53.5 s (load ~6); 8.76 s (load ~2) | 21.8 s (load ~6); 4.27 s (load ~2) |
-| TIES | 200.2 s (load ~7) | 108.9 s (load ~7) |
-| DARE-TIES | 95.0 s (load ~7) | 59.8 s (load ~7) |
+| method | before: merge s / wall s / RSS GB | after: merge s / wall s / RSS GB | outputs |
+|---|---|---|---|
+| task arithmetic | 4.54 / 6.26 / 0.31 | 2.55 / 4.06 / 0.47 | equal (same operations) |
+| TIES | 21.79 / 23.51 / 5.83 | 5.45 / 6.96 / 1.53 | **byte-identical** (`cmp` of the shards) |
+| DARE-TIES | 21.49 / 23.22 / 5.83 | 4.80 / 6.33 / 0.98 | masks differ by design (counter-based now) |
+
+(The new engine's RSS for task arithmetic includes numba's ~0.15 GB; the TIES figures include the mapped input
+pages of the chunk in flight.)
 
 ## Spectral methods: per-layer benchmark
 

@@ -31,14 +31,15 @@ def rows(res: dict) -> list[dict]:
         for method, e in c["methods"].items():
             o, m = e.get("omnimerge"), e.get("mergekit")
             r = {"model": c["model"], "T": c["T"], "method": method, "in": c["input_bytes"], "cat": c["cat_s"],
-                 "o": o, "m": m, "ag": e.get("agreement")}
+                 "o": o, "m": m, "ag": e.get("agreement"), "ns": e.get("omnimerge_nosync")}
             out.append(r)
     return out
 
 
 def table(res: dict, only_mk: bool) -> str:
-    hdr = ("| model | T | input GB | method | omnimerge wall s (merge s) | omnimerge GB/s | mergekit wall s | "
-           "mergekit GB/s | speed-up vs mergekit | cat s (GB/s) | omnimerge ÷ cat | mergekit ÷ cat | "
+    hdr = ("| model | T | input GB | method | omnimerge wall s (merge s) | omnimerge --no-sync wall s (merge s) | "
+           "omnimerge GB/s | mergekit wall s | mergekit GB/s | speed-up vs mergekit (default / --no-sync) | "
+           "cat s (GB/s) | omnimerge ÷ cat | mergekit ÷ cat | "
            "peak RSS omnimerge / mergekit GB (anon) | outputs agree | load avg omnimerge / mergekit |")
     lines = [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
     for r in rows(res):
@@ -47,10 +48,13 @@ def table(res: dict, only_mk: bool) -> str:
         o, m, inb = r["o"], r["m"], r["in"]
         cat = r["cat"]
         o_gbs = inb / 1e9 / o["wall"]
+        ns = r["ns"]
         cells = [SIZE.get(r["model"], r["model"]), str(r["T"]), _gb(inb), LABEL[r["method"]],
-                 f"{o['wall']:.2f} ({o['merge_s']:.2f})", f"{o_gbs:.2f}"]
+                 f"{o['wall']:.2f} ({o['merge_s']:.2f})", f"{ns['wall']:.2f} ({ns['merge_s']:.2f})" if ns else "—",
+                 f"{o_gbs:.2f}"]
         if m:
-            cells += [f"{m['wall']:.1f}", f"{inb / 1e9 / m['wall']:.2f}", f"**{m['wall'] / o['wall']:.1f}×**"]
+            cells += [f"{m['wall']:.1f}", f"{inb / 1e9 / m['wall']:.2f}",
+                      f"**{m['wall'] / o['wall']:.1f}×**" + (f" / {m['wall'] / ns['wall']:.1f}×" if ns else "")]
         else:
             cells += ["—", "—", "—"]
         cells += [f"{cat:.2f} ({inb / 1e9 / cat:.1f})", f"{o['wall'] / cat:.1f}×",
