@@ -322,12 +322,7 @@ def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: 
     for j in range(n):  # tot becomes the elected sign
         x = tot[j]
         tot[j] = one if x > zero else (-one if x < zero else zero)
-    if maj_known:
-        m = np.float32(maj)
-        for j in range(n):
-            if tot[j] == zero:
-                tot[j] = m
-    else:
+    if not maj_known:
         for j in range(n):
             signsum += np.int64(tot[j])
     pn = acc[0]
@@ -350,22 +345,7 @@ def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: 
             pd[j] = pd[j] + wi * (one if cp > zero else zero)
             nn[j] = nn[j] + cn
             nd[j] = nd[j] + wi * (one if cn > zero else zero)
-    finite = True
     sc = np.float32(scaling)
-    for j in range(n):
-        s = tot[j]
-        p = pn[j]  # every operand loaded first: the choices below are selects, not branches
-        q = nn[j]
-        dp = pd[j]
-        dq = nd[j]
-        nu = p if s > zero else q
-        nu = nu if s != zero else zero
-        de = dp if s > zero else dq
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
-        finite &= np.isfinite(v)
-        out[j] = bf[j] + v
     namb = 0
     if not maj_known:
         cnt = 0
@@ -381,6 +361,26 @@ def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: 
                 amb_neg[namb] = ((nn[j] / de) * -one + zero) * sc
                 amb_idx[namb] = start + j
                 namb += 1
+    m = np.float32(maj)  # the majority (known), or its guess: sign 0 -> m
+    if m != zero:
+        for j in range(n):
+            x = tot[j]
+            tot[j] = m if x == zero else x
+    finite = True
+    for j in range(n):
+        s = tot[j]
+        p = pn[j]  # every operand loaded first: the choices below are selects, not branches
+        q = nn[j]
+        dp = pd[j]
+        dq = nd[j]
+        nu = p if s > zero else q
+        nu = nu if s != zero else zero
+        de = dp if s > zero else dq
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        finite &= np.isfinite(v)
+        out[j] = bf[j] + v
     return finite, signsum, namb
 
 

@@ -251,7 +251,7 @@ class TiesBlocks:
         use_thr = np.array([t is not None for t in st.thresholds], dtype=np.bool_)
         finite, signsum, namb = self.k["ties_merge_chunk"](
             _np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u, self.tv, start, *self._drop(),
-            thr, use_thr, self.w, st.scaling, st.majority if st.majority is not None else 0.0,
+            thr, use_thr, self.w, st.scaling, st.majority if st.majority is not None else st.guess,
             st.majority is not None, self.tot, self.acc, self.res, self.flag, self.amb_idx, self.amb_pos,
             self.amb_neg, _np(out), self.out_bf16)
         if not finite:

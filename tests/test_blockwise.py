@@ -78,15 +78,41 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 @pytest.fixture
 def patches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Per streamed tensor: the number of undecided entries (elected sign 0, some non-zero trimmed entry)."""
     seen: list[int] = []
-    real = ShardedWriter.patch
+    real = ties_mod.TiesBlockwise.fixups
 
-    def spy(self, name, index, values):  # type: ignore[no-untyped-def]
-        seen.append(len(index))
-        return real(self, name, index, values)
+    def spy(self, st):  # type: ignore[no-untyped-def]
+        seen.append(sum(len(i) for i in st.fix_idx))
+        return real(self, st)
 
-    monkeypatch.setattr(ShardedWriter, "patch", spy)
+    monkeypatch.setattr(ties_mod.TiesBlockwise, "fixups", spy)
     return seen
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("wrong", ["opposite", "zero"])
+def test_wrong_majority_guess_is_amended(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         wrong: str, use_kernels: bool) -> None:
+    """Undecided entries stream with the majority sign guessed from the sample; when the full count disagrees
+    (forced here) or is 0, they are patched into the written output: the result is still exact."""
+    r = _recipe(models, "ties", scaling=0.8, density=0.25)
+    whole = _whole(models, tmp_path, r, monkeypatch)
+    real_begin = ties_mod.TiesBlockwise.begin
+    written: list[int] = []
+    real_patch = ShardedWriter.patch
+    flip = (lambda g: -g) if wrong == "opposite" else (lambda g: 0.0 if g else 1.0)
+    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", lambda self, *a: _set_guess(real_begin(self, *a), flip))
+    monkeypatch.setattr(ShardedWriter, "patch",
+                        lambda self, n, i, v: written.append(len(i)) or real_patch(self, n, i, v))
+    streamed = _run(models, tmp_path, r, "streamed", use_kernels=use_kernels)
+    assert written and sum(written) > 0, "the forced wrong guess must be amended"
+    _same(streamed, whole)
+
+
+def _set_guess(st, flip):  # type: ignore[no-untyped-def]
+    st.guess = flip(st.guess)
+    return st
 
 
 @pytest.mark.parametrize(

@@ -463,6 +463,7 @@ class TiesBlockState:
     majority: float | None
     brackets: list[_Bracket | None]
     signsum: int = 0
+    guess: float = 0.0  # the majority sign predicted from the sample; undecided entries are merged with it
     fix_idx: list[np.ndarray] = field(default_factory=list)
     fix_pos: list[torch.Tensor] = field(default_factory=list)
     fix_neg: list[torch.Tensor] = field(default_factory=list)
@@ -505,8 +506,6 @@ class TiesBlockwise:
             st.thresholds = list(ctx.stats["threshold"])
             st.majority = float(ctx.stats["majority"])
             return st
-        if st.k <= 0:
-            return st
         step = max(1, numel // _SAMPLE)
         pos = np.arange(0, numel, step, dtype=np.int64)
         tvs = sample(pos)
@@ -517,9 +516,17 @@ class TiesBlockwise:
         for i, tv in enumerate(tvs):
             if drop > 0.0:
                 dare_(tv, drop, ctx, i, positions=pos)
+            if st.k <= 0:
+                continue
             srt = np.sort(np.abs(_np(tv)))
             st.brackets[i] = _Bracket(float(srt[lo_i]) if lo_i >= 0 else None,
                                       float(srt[hi_i]) if hi_i < m else None)
+            trim_(tv, float(srt[min(m - 1, int(q * m))]))  # the sample's own threshold, for the guess below
+        # the tensor's majority sign predicted from the sample: undecided entries are merged with it as they
+        # stream, and only if the full count disagrees are they amended afterwards (see fixups)
+        total = weighted_sum([t * w for t, w in zip(tvs, weight, strict=True)], [1.0] * T)
+        ssum = float(torch.sign(total).sum())
+        st.guess = float((ssum > 0) - (ssum < 0))
         return st
 
     def wants_sweep(self, st: TiesBlockState) -> bool:
@@ -592,7 +599,8 @@ class TiesBlockwise:
             st.signsum += int(sign.sum())
             s_np = _np(sign)
             amb = s_np == 0
-            if amb.any():
+            any_zero = bool(amb.any())
+            if any_zero:
                 live = weighted[0].abs()
                 for t in weighted[1:]:
                     live.add_(t.abs())
@@ -605,16 +613,21 @@ class TiesBlockwise:
                     st.fix_idx.append(idx + start)
                     st.fix_pos.append(_disjoint_mean(sub, st.weight, one).mul_(st.scaling))
                     st.fix_neg.append(_disjoint_mean(sub, st.weight, one.neg()).mul_(st.scaling))
+                if st.guess != 0.0:
+                    sign.add_(sign.abs().neg_().add_(1.0).mul_(st.guess))
         return _disjoint_mean(weighted, st.weight, sign).mul_(st.scaling)
 
     def fixups(self, st: TiesBlockState) -> tuple[np.ndarray, torch.Tensor] | None:
-        """(flat indices, delta values) for the entries whose elected sign was 0, now that the tensor's majority
-        sign is known; None when there are none (or the majority is 0: they stay 0)."""
+        """(flat indices, delta values) of the entries whose elected sign was 0, if the tensor's majority sign
+        (now known) differs from the guess they were merged with; None when nothing needs amending."""
         if st.majority is not None or not st.fix_idx:
             return None
         maj = (st.signsum > 0) - (st.signsum < 0)
-        if maj == 0:
+        if maj == st.guess:
             return None
+        if maj == 0:  # they stay unmerged: delta = (0 / 1 * 0 + 0) * lambda
+            n = sum(len(i) for i in st.fix_idx)
+            return np.concatenate(st.fix_idx), torch.zeros(n, dtype=torch.float32).mul_(st.scaling)
         vals = st.fix_pos if maj > 0 else st.fix_neg
         return np.concatenate(st.fix_idx), torch.cat(vals)
 
