@@ -506,6 +506,8 @@ class TiesBlockwise:
             st.thresholds = list(ctx.stats["threshold"])
             st.majority = float(ctx.stats["majority"])
             return st
+        if st.k <= 0:  # no thresholds to find: no sample (undecided entries stay 0 until the count is known)
+            return st
         step = max(1, numel // _SAMPLE)
         pos = np.arange(0, numel, step, dtype=np.int64)
         tvs = sample(pos)
@@ -516,14 +518,12 @@ class TiesBlockwise:
         for i, tv in enumerate(tvs):
             if drop > 0.0:
                 dare_(tv, drop, ctx, i, positions=pos)
-            if st.k <= 0:
-                continue
             srt = np.sort(np.abs(_np(tv)))
             st.brackets[i] = _Bracket(float(srt[lo_i]) if lo_i >= 0 else None,
                                       float(srt[hi_i]) if hi_i < m else None)
             trim_(tv, float(srt[min(m - 1, int(q * m))]))  # the sample's own threshold, for the guess below
         # the tensor's majority sign predicted from the sample: undecided entries are merged with it as they
-        # stream, and only if the full count disagrees are they amended afterwards (see fixups)
+        # stream, and only if the full count disagrees are they amended in the output (see fixups)
         total = weighted_sum([t * w for t, w in zip(tvs, weight, strict=True)], [1.0] * T)
         ssum = float(torch.sign(total).sum())
         st.guess = float((ssum > 0) - (ssum < 0))
