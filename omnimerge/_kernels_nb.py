@@ -65,24 +65,6 @@ def _put_ov(out: Any, j: Any, v: Any) -> Any:
 
 
 @nb.njit(**_OPTS)
-def _finish(bf: Any, acc: Any, scale: float, mode: int) -> bool:
-    n = acc.size
-    s = np.float32(scale)
-    if mode == 1:
-        for j in range(n):
-            acc[j] = acc[j] * s
-    elif mode == 2:
-        for j in range(n):
-            acc[j] = acc[j] / s
-    finite = True
-    for j in range(n):
-        if not np.isfinite(acc[j]):
-            finite = False
-    for j in range(n):
-        acc[j] = bf[j] + acc[j]
-    return finite
-
-@nb.njit(**_OPTS)
 def _round_bf16(acc_u: Any, out: Any) -> None:
     for j in range(acc_u.size):
         u = np.int64(acc_u[j])
@@ -90,57 +72,6 @@ def _round_bf16(acc_u: Any, out: Any) -> None:
             out[j] = np.uint16(0x7FC0)  # NaN, as torch rounds it
         else:
             out[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
-
-@nb.njit(**_OPTS)
-def linear_bf16(base: Any, experts: Any, b_u: Any, t_u: Any, acc: Any, scale: float, mode: int,
-                out: Any, out_bf16: bool) -> bool:
-    """A chunk of bfloat16 inputs, in cache-sized sub-blocks (``b_u``, ``t_u``, ``acc``: SUB entries)."""
-    n = base.size
-    finite = True
-    for s0 in range(0, n, SUB):
-        m = min(SUB, n - s0)
-        for j in range(m):
-            b_u[j] = np.uint32(base[s0 + j]) << np.uint32(16)
-        bf = b_u.view(np.float32)
-        tf = t_u.view(np.float32)
-        for i in range(len(experts)):
-            e = experts[i]
-            for j in range(m):
-                t_u[j] = np.uint32(e[s0 + j]) << np.uint32(16)
-            if i == 0:
-                for j in range(m):
-                    acc[j] = tf[j] - bf[j]
-            else:
-                for j in range(m):
-                    acc[j] = acc[j] + (tf[j] - bf[j])
-        finite &= _finish(bf[:m], acc[:m], scale, mode)
-        _store(acc, m, out, s0, out_bf16)
-    return finite
-
-
-@nb.njit(**_OPTS)
-def linear_f32(base: Any, experts: Any, b_u: Any, t_u: Any, acc: Any, scale: float, mode: int,
-               out: Any, out_bf16: bool) -> bool:
-    """A chunk of float32 inputs, in cache-sized sub-blocks."""
-    n = base.size
-    finite = True
-    for s0 in range(0, n, SUB):
-        m = min(SUB, n - s0)
-        bf = b_u.view(np.float32)
-        for j in range(m):
-            bf[j] = base[s0 + j]
-        for i in range(len(experts)):
-            e = experts[i]
-            if i == 0:
-                for j in range(m):
-                    acc[j] = e[s0 + j] - bf[j]
-            else:
-                for j in range(m):
-                    acc[j] = acc[j] + (e[s0 + j] - bf[j])
-        finite &= _finish(bf[:m], acc[:m], scale, mode)
-        _store(acc, m, out, s0, out_bf16)
-    return finite
-
 
 @nb.njit(**_OPTS)
 def _store(acc: Any, m: int, out: Any, s0: int, out_bf16: bool) -> None:
@@ -176,33 +107,6 @@ def _load(base: Any, experts: Any, s0: int, m: int, in_bf16: bool, b_u: Any, t_u
             for j in range(m):
                 row[j] = e[s0 + j] - bf[j]
 
-
-@nb.njit(**_OPTS)
-def load_bf16(base: Any, experts: Any, b_u: Any, t_u: Any, tv: Any) -> None:
-    n = base.size
-    for j in range(n):
-        b_u[j] = np.uint32(base[j]) << np.uint32(16)
-    bf = b_u.view(np.float32)
-    tf = t_u.view(np.float32)
-    for i in range(len(experts)):
-        e = experts[i]
-        row = tv[i]
-        for j in range(n):
-            t_u[j] = np.uint32(e[j]) << np.uint32(16)
-        for j in range(n):
-            row[j] = tf[j] - bf[j]
-
-@nb.njit(**_OPTS)
-def load_f32(base: Any, experts: Any, b_u: Any, t_u: Any, tv: Any) -> None:
-    n = base.size
-    bf = b_u.view(np.float32)
-    for j in range(n):
-        bf[j] = base[j]
-    for i in range(len(experts)):
-        e = experts[i]
-        row = tv[i]
-        for j in range(n):
-            row[j] = e[j] - bf[j]
 
 @nb.njit(**_OPTS)
 def prepare(tv: Any, n: int, start: int, keys: Any, dthr: int, dscale: float, use_drop: bool) -> bool:
@@ -431,6 +335,5 @@ def ties_merge_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any,
     return finite, signsum, namb
 
 
-KERNELS = {"bf16": linear_bf16, "f32": linear_f32, "load_bf16": load_bf16, "load_f32": load_f32,
-           "prepare": prepare, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
+KERNELS = {"prepare": prepare, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
            "load": _load, "ties_sweep_chunk": ties_sweep_chunk, "ties_merge_chunk": ties_merge_chunk}

@@ -306,12 +306,9 @@ class MergeRun:
             and all(isinstance(s, FullSource) for s in self.experts)
         )
 
-    def _merge_job_fused(self, job: Job, writer: ShardedWriter) -> bool:
-        """Elementwise methods from full checkpoints: stream the tensor in cache-sized blocks (read from the
-        page cache, convert, subtract, merge, add, convert, write each block) instead of making full-size
-        float32 copies. Every element goes through exactly the operations of the whole-tensor path, so the
-        output is bit-identical. Returns False, having written nothing final, when a block holds a non-finite
-        value: the whole-tensor path then runs and reports it exactly as before."""
+    def _raw_inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[Checkpoint, str]]] | None:
+        """The flat memory-mapped base and expert tensors of a job as stored, and (checkpoint, name) of each
+        (to release their pages); None if an expert lacks the tensor (the whole-tensor path reports it)."""
         assert self.base is not None
         base_raw = self.base.read(job.name).reshape(-1)
         raws = []
@@ -320,9 +317,21 @@ class MergeRun:
             assert isinstance(src, FullSource)
             name = src.ckpt.find(job.canonical)
             if name is None:
-                return False
+                return None
             raws.append(src.ckpt.read(name).reshape(-1))
             mapped.append((src.ckpt, name))
+        return base_raw, raws, mapped
+
+    def _merge_job_fused(self, job: Job, writer: ShardedWriter) -> bool:
+        """Elementwise methods from full checkpoints: stream the tensor in cache-sized blocks (read from the
+        page cache, convert, subtract, merge, add, convert, write each block) instead of making full-size
+        float32 copies. Every element goes through exactly the operations of the whole-tensor path, so the
+        output is bit-identical. Returns False, having written nothing final, when a block holds a non-finite
+        value: the whole-tensor path then runs and reports it exactly as before."""
+        inputs = self._raw_inputs(job)
+        if inputs is None:
+            return False
+        base_raw, raws, mapped = inputs
         ctx = self._context(job, None, None)
         n, cd = base_raw.numel(), self.compute_dtype
         threads = torch.get_num_threads()
@@ -408,17 +417,10 @@ class MergeRun:
         :class:`omnimerge.methods.ties.TiesBlockwise`). Working memory is a few blocks plus what the method keeps
         between sweeps, not T + 3 float32 copies of the tensor. Returns False, having written nothing final, if a
         block holds a non-finite value: the whole-tensor path then runs and reports it."""
-        assert self.base is not None
-        base_raw = self.base.read(job.name).reshape(-1)
-        raws = []
-        mapped = [(self.base, job.name)]
-        for src in self.experts:
-            assert isinstance(src, FullSource)
-            name = src.ckpt.find(job.canonical)
-            if name is None:
-                return False
-            raws.append(src.ckpt.read(name).reshape(-1))
-            mapped.append((src.ckpt, name))
+        inputs = self._raw_inputs(job)
+        if inputs is None:
+            return False
+        base_raw, raws, mapped = inputs
         n, cd = base_raw.numel(), self.compute_dtype
         exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
 

@@ -25,9 +25,6 @@ _lock = threading.Lock()
 _compiled: dict[str, Any] | None = None
 _failed = False
 
-#: how the summed task vectors are scaled: none, multiplied (task arithmetic), divided (weight average)
-MODES = {"none": 0, "mul": 1, "div": 2}
-
 
 def _build() -> dict[str, Any] | None:
     from omnimerge._kernels_nb import KERNELS
