@@ -205,8 +205,9 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
   for TIES / DARE-TIES the chunked kernel: ~7 ns per entry for 3 experts on one core (DARE's three 32-bit
   hashes ~3 ns, the row-wise disjoint mean ~3 ns). A single-pass loop per entry, as for task arithmetic, was
   tried and is not vectorised by LLVM while it carries reductions (sign sum, finiteness, undecided count):
-  4–11 ns per entry; with the reductions moved to byte arrays reduced afterwards it does vectorise (~1.3 ns
-  measured in isolation). That is the next step for DARE-TIES, the one method below its 10× target. mergekit's
+  4–11 ns per entry. Without them it vectorises (1.3 ns per entry for the TIES core, measured alone), and with
+  them written to byte arrays reduced afterwards it still does (2.4 ns, measured while another job ran). That
+  is the next step for DARE-TIES, the one method below its 10× target. mergekit's
   TIES fully sorts every task vector (`argsort`) and works in bf16.
 
 ## `benchmarks/bench_merge.py` (three experts of a ~1.5 GB checkpoint)
