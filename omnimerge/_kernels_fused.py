@@ -240,3 +240,1107 @@ LINEAR = {
     (4, True, False): _lin4cf,
     (4, True, True): _lin4ck,
 }
+
+@nb.njit(**_OPTS)
+def _ties1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 1 expert(s): one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        tot = t0
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 1 expert(s) after DARE: one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        tot = t0
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 2 expert(s): one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        tot = t0 + t1
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 2 expert(s) after DARE: one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        tot = t0 + t1
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 3 expert(s): one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        tot = (t0 + t1) + t2
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 3 expert(s) after DARE: one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    ka2 = np.uint64(keys[2, 0])
+    kb2 = np.uint64(keys[2, 1])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        x = (pos * ka2 + kb2) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        tot = (t0 + t1) + t2
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    ka2 = np.uint64(keys[2, 0])
+    kb2 = np.uint64(keys[2, 1])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        x = (pos * ka2 + kb2) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 4 expert(s): one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    th3 = np.float32(thr[3])
+    w3 = np.float32(w[3])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        t3 = _f32(e3[j]) - b
+        nb3 = (_bits(t3) & ex) == ex
+        t3 = t3 * (one if abs(t3) >= th3 else zero)
+        t3 = t3 * w3
+        tot = ((t0 + t1) + t2) + t3
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        cp3 = t3 if t3 > zero else zero
+        cn3 = -t3 if -t3 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        pn = pn + cp3
+        pd = pd + w3 * (one if cp3 > zero else zero)
+        nn = nn + cn3
+        nd = nd + w3 * (one if cn3 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nb3 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    th3 = np.float32(thr[3])
+    w3 = np.float32(w[3])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        t3 = _f32(e3[j]) - b
+        nb3 = (_bits(t3) & ex) == ex
+        t3 = t3 * (one if abs(t3) >= th3 else zero)
+        t3 = t3 * w3
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        cp3 = t3 if t3 > zero else zero
+        cn3 = -t3 if -t3 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        pn = pn + cp3
+        pd = pd + w3 * (one if cp3 > zero else zero)
+        nn = nn + cn3
+        nd = nd + w3 * (one if cn3 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+@nb.njit(**_OPTS)
+def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
+    """TIES over 4 expert(s) after DARE: one pass, no reductions."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    ka2 = np.uint64(keys[2, 0])
+    kb2 = np.uint64(keys[2, 1])
+    th3 = np.float32(thr[3])
+    w3 = np.float32(w[3])
+    ka3 = np.uint64(keys[3, 0])
+    kb3 = np.uint64(keys[3, 1])
+    for j in range(base.size):
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        x = (pos * ka2 + kb2) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        t3 = _f32(e3[j]) - b
+        nb3 = (_bits(t3) & ex) == ex
+        x = (pos * ka3 + kb3) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t3 = t3 * (ds if x >= dthr else zero)
+        t3 = t3 * (one if abs(t3) >= th3 else zero)
+        t3 = t3 * w3
+        tot = ((t0 + t1) + t2) + t3
+        s0 = one if tot > zero else (-one if tot < zero else zero)
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        cp3 = t3 if t3 > zero else zero
+        cn3 = -t3 if -t3 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        pn = pn + cp3
+        pd = pd + w3 * (one if cp3 > zero else zero)
+        nn = nn + cn3
+        nd = nd + w3 * (one if cn3 > zero else zero)
+        s = s0 + (one - abs(s0)) * mj
+        nu = pn if s > zero else nn
+        nu = nu if s != zero else zero
+        de = pd if s > zero else nd
+        de = de if s != zero else zero
+        de = de + (one - (one if de > zero else zero))
+        v = ((nu / de) * s + zero) * sc
+        nbv = (_bits(v) & ex) == ex
+        bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nb3 | nbv else np.uint8(0)
+        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
+        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)
+        _put(out, j, b + v)
+
+
+@nb.njit(**_OPTS)
+def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
+    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m32 = np.uint64(0xFFFFFFFF)
+    ex = np.uint32(0x7F800000)
+    ds = np.float32(dscale)
+    sc = np.float32(scaling)
+    mj = np.float32(maj)
+    th0 = np.float32(thr[0])
+    w0 = np.float32(w[0])
+    ka0 = np.uint64(keys[0, 0])
+    kb0 = np.uint64(keys[0, 1])
+    th1 = np.float32(thr[1])
+    w1 = np.float32(w[1])
+    ka1 = np.uint64(keys[1, 0])
+    kb1 = np.uint64(keys[1, 1])
+    th2 = np.float32(thr[2])
+    w2 = np.float32(w[2])
+    ka2 = np.uint64(keys[2, 0])
+    kb2 = np.uint64(keys[2, 1])
+    th3 = np.float32(thr[3])
+    w3 = np.float32(w[3])
+    ka3 = np.uint64(keys[3, 0])
+    kb3 = np.uint64(keys[3, 1])
+    namb = 0
+    for j in range(base.size):
+        if not flag[j]:
+            continue
+        b = _f32(base[j])
+        pos = np.uint64(start + j)
+        t0 = _f32(e0[j]) - b
+        nb0 = (_bits(t0) & ex) == ex
+        x = (pos * ka0 + kb0) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (one if abs(t0) >= th0 else zero)
+        t0 = t0 * w0
+        t1 = _f32(e1[j]) - b
+        nb1 = (_bits(t1) & ex) == ex
+        x = (pos * ka1 + kb1) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (one if abs(t1) >= th1 else zero)
+        t1 = t1 * w1
+        t2 = _f32(e2[j]) - b
+        nb2 = (_bits(t2) & ex) == ex
+        x = (pos * ka2 + kb2) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (one if abs(t2) >= th2 else zero)
+        t2 = t2 * w2
+        t3 = _f32(e3[j]) - b
+        nb3 = (_bits(t3) & ex) == ex
+        x = (pos * ka3 + kb3) & m32
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & m32
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & m32
+        x ^= x >> np.uint64(16)
+        t3 = t3 * (ds if x >= dthr else zero)
+        t3 = t3 * (one if abs(t3) >= th3 else zero)
+        t3 = t3 * w3
+        cp0 = t0 if t0 > zero else zero
+        cn0 = -t0 if -t0 > zero else zero
+        cp1 = t1 if t1 > zero else zero
+        cn1 = -t1 if -t1 > zero else zero
+        cp2 = t2 if t2 > zero else zero
+        cn2 = -t2 if -t2 > zero else zero
+        cp3 = t3 if t3 > zero else zero
+        cn3 = -t3 if -t3 > zero else zero
+        pn = zero + cp0
+        pd = zero + w0 * (one if cp0 > zero else zero)
+        nn = zero + cn0
+        nd = zero + w0 * (one if cn0 > zero else zero)
+        pn = pn + cp1
+        pd = pd + w1 * (one if cp1 > zero else zero)
+        nn = nn + cn1
+        nd = nd + w1 * (one if cn1 > zero else zero)
+        pn = pn + cp2
+        pd = pd + w2 * (one if cp2 > zero else zero)
+        nn = nn + cn2
+        nd = nd + w2 * (one if cn2 > zero else zero)
+        pn = pn + cp3
+        pd = pd + w3 * (one if cp3 > zero else zero)
+        nn = nn + cn3
+        nd = nd + w3 * (one if cn3 > zero else zero)
+        de = pd + (one - (one if pd > zero else zero))
+        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        de = nd + (one - (one if nd > zero else zero))
+        amb_neg[namb] = ((nn / de) * -one + zero) * sc
+        amb_idx[namb] = start + j
+        namb += 1
+    return namb
+
+
+#: (experts, DARE) -> (fused TIES loop, undecided candidates)
+TIES = {
+    (1, False): (_ties1, _tiesc1),
+    (1, True): (_ties1d, _tiesc1d),
+    (2, False): (_ties2, _tiesc2),
+    (2, True): (_ties2d, _tiesc2d),
+    (3, False): (_ties3, _tiesc3),
+    (3, True): (_ties3d, _tiesc3d),
+    (4, False): (_ties4, _tiesc4),
+    (4, True): (_ties4d, _tiesc4d),
+}

@@ -335,5 +335,18 @@ def ties_merge_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any,
     return finite, signsum, namb
 
 
-KERNELS = {"prepare": prepare, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
+@nb.njit(**_OPTS)
+def reduce_flags(bad: Any, sgn: Any, flag: Any) -> Any:
+    """(any non-finite, sum of signs, number of flagged) over per-entry byte arrays (the fused loops' outputs)."""
+    b = 0
+    s = 0
+    f = 0
+    for j in range(bad.size):
+        b |= bad[j]
+        s += sgn[j]
+        f += flag[j]
+    return b != 0, s, f
+
+
+KERNELS = {"prepare": prepare, "reduce_flags": reduce_flags, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
            "load": _load, "ties_sweep_chunk": ties_sweep_chunk, "ties_merge_chunk": ties_merge_chunk}

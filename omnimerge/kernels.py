@@ -180,6 +180,7 @@ class TiesBlocks:
         self.amb_neg = np.empty(chunk, np.float32)
         self.chunk = chunk
         self.inside: np.ndarray | None = None
+        self.flags: np.ndarray | None = None
         self.use_drop = st.drop_rate > 0.0
         self.keys = np.array([dare_key(st.ctx, i) for i in range(T)] if self.use_drop else [(0, 0, 0)] * T,
                              dtype=np.int64)
@@ -243,19 +244,37 @@ class TiesBlocks:
 
     def merge(self, st: Any, start: int, base: torch.Tensor, raws: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """The merged chunk in the output dtype (a reused buffer), or None for a non-finite input or delta."""
-        out = self.out[: base.numel()]
+        n = base.numel()
+        out = self.out[:n]
         thr = np.array([t if t is not None else 0.0 for t in st.thresholds], dtype=np.float32)
+        maj = st.majority if st.majority is not None else st.guess
+        if len(raws) <= 4 and start + n - 1 <= 0xFFFFFFFF:  # one vectorised pass per chunk (see _kernels_fused)
+            from omnimerge._kernels_fused import TIES
+
+            if self.flags is None:
+                self.flags = np.empty((3, self.chunk), np.uint8)
+            loop, cands = TIES[(len(raws), self.use_drop)]
+            es = [_np(r) for r in raws]
+            args = (_np(base), *(es + [es[0]] * (4 - len(es))), start, self.keys, np.uint64(self.dthr),
+                    np.float32(self.dscale), thr, self.w, np.float32(st.scaling), np.float32(maj))
+            bad, sgn, flag = self.flags[0, :n], self.flags[1, :n].view(np.int8), self.flags[2, :n]
+            loop(*args, _np(out), bad, sgn, flag)
+            anybad, signsum, nflag = self.k["reduce_flags"](bad, sgn, flag)
+            namb = cands(*args, flag, self.amb_idx, self.amb_pos, self.amb_neg) if nflag and \
+                st.majority is None else 0
+            return self._merged(st, out, not anybad, signsum, namb)
         use_thr = np.array([t is not None for t in st.thresholds], dtype=np.bool_)
         finite, signsum, namb = self.k["ties_merge_chunk"](
             _np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u, self.tv, start, *self._drop(),
-            thr, use_thr, self.w, st.scaling, st.majority if st.majority is not None else st.guess,
+            thr, use_thr, self.w, st.scaling, maj,
             st.majority is not None, self.tot, self.acc, self.res, self.flag, self.amb_idx, self.amb_pos,
             self.amb_neg, _np(out), self.out_bf16)
+        return self._merged(st, out, finite, signsum, namb)
+
+    def _merged(self, st: Any, out: torch.Tensor, finite: bool, signsum: int, namb: int) -> torch.Tensor | None:
         if not finite:
             return None
-        st.signsum += int(signsum)
-        if namb:
-            st.fix_idx.append(self.amb_idx[:namb].copy())
-            st.fix_pos.append(torch.from_numpy(self.amb_pos[:namb].copy()))
-            st.fix_neg.append(torch.from_numpy(self.amb_neg[:namb].copy()))
+        if st.majority is None:
+            st.record(int(signsum), self.amb_idx[:namb].copy(), torch.from_numpy(self.amb_pos[:namb].copy()),
+                      torch.from_numpy(self.amb_neg[:namb].copy()))
         return out

@@ -67,8 +67,126 @@ def main() -> None:
         parts.append(linear(k, c, kp))
     table = ",\n    ".join(f"({k}, {c}, {kp}): {_name(k, c, kp)}" for k, c, kp in keys)
     parts.append(f"#: (experts in the group, start from acc, keep the sum in acc) -> loop\nLINEAR = {{\n    {table},\n}}\n")
+    main_ties(parts)
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
+
+
+
+# --- TIES / DARE-TIES: fused single-pass merge for 1-4 experts ---------------------------------------------------
+# No reductions inside the loop (LLVM does not vectorise it with them): the per-entry sign, non-finite and
+# undecided flags go to byte arrays that a separate loop reduces; the undecided entries' two candidates are
+# recomputed by a sparse pass over the flagged entries.
+
+MIX = [
+    "x ^= x >> np.uint64(16)",
+    "x = (x * np.uint64(0x7FEB352D)) & m32",
+    "x ^= x >> np.uint64(15)",
+    "x = (x * np.uint64(0x846CA68B)) & m32",
+    "x ^= x >> np.uint64(16)",
+]
+
+
+def _task(i: int, drop: bool, ind: str) -> list[str]:
+    """t_i at entry j: W_i - W0 (non-finite flag), DARE (counter-based mask of ties.dare_), trim, weight."""
+    out = [f"t{i} = _f32(e{i}[j]) - b", f"nb{i} = (_bits(t{i}) & ex) == ex"]
+    if drop:
+        out.append(f"x = (pos * ka{i} + kb{i}) & m32")
+        out += MIX
+        out.append(f"t{i} = t{i} * (ds if x >= dthr else zero)")
+    out += [f"t{i} = t{i} * (one if abs(t{i}) >= th{i} else zero)", f"t{i} = t{i} * w{i}"]
+    return [ind + line for line in out]
+
+
+def _sums(k: int, ind: str) -> list[str]:
+    out = []
+    for i in range(k):
+        out += [f"cp{i} = t{i} if t{i} > zero else zero", f"cn{i} = -t{i} if -t{i} > zero else zero"]
+    out += ["pn = zero + cp0", "pd = zero + w0 * (one if cp0 > zero else zero)",
+            "nn = zero + cn0", "nd = zero + w0 * (one if cn0 > zero else zero)"]
+    for i in range(1, k):
+        out += [f"pn = pn + cp{i}", f"pd = pd + w{i} * (one if cp{i} > zero else zero)",
+                f"nn = nn + cn{i}", f"nd = nd + w{i} * (one if cn{i} > zero else zero)"]
+    return [ind + line for line in out]
+
+
+def _setup(k: int, drop: bool) -> list[str]:
+    out = ["    zero = np.float32(0.0)", "    one = np.float32(1.0)", "    m32 = np.uint64(0xFFFFFFFF)",
+           "    ex = np.uint32(0x7F800000)", "    ds = np.float32(dscale)", "    sc = np.float32(scaling)",
+           "    mj = np.float32(maj)"]
+    for i in range(k):
+        out += [f"    th{i} = np.float32(thr[{i}])", f"    w{i} = np.float32(w[{i}])"]
+        if drop:
+            out += [f"    ka{i} = np.uint64(keys[{i}, 0])", f"    kb{i} = np.uint64(keys[{i}, 1])"]
+    return out
+
+
+def _sig(k: int) -> str:
+    es = ", ".join(f"e{i}: Any" for i in range(4))
+    return f"base: Any, {es}, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any"
+
+
+def _total(k: int) -> str:
+    if k == 1:
+        return "t0"
+    expr = "t0 + t1"
+    for i in range(2, k):
+        expr = f"({expr}) + t{i}"
+    return expr
+
+
+def ties_loop(k: int, drop: bool) -> str:
+    name = f"_ties{k}{'d' if drop else ''}"
+    lines = ["@nb.njit(**_OPTS)",
+             f"def {name}({_sig(k)}, out: Any, bad: Any, sgn: Any, flag: Any) -> None:",
+             f'    """TIES over {k} expert(s){" after DARE" if drop else ""}: one pass, no reductions."""']
+    lines += _setup(k, drop)
+    lines += ["    for j in range(base.size):", "        b = _f32(base[j])", "        pos = np.uint64(start + j)"]
+    for i in range(k):
+        lines += _task(i, drop, "        ")
+    lines.append(f"        tot = {_total(k)}")
+    lines += ["        s0 = one if tot > zero else (-one if tot < zero else zero)"]
+    lines += _sums(k, "        ")
+    lines += ["        s = s0 + (one - abs(s0)) * mj",  # sign 0 -> the majority (known, or guessed)
+              "        nu = pn if s > zero else nn", "        nu = nu if s != zero else zero",
+              "        de = pd if s > zero else nd", "        de = de if s != zero else zero",
+              "        de = de + (one - (one if de > zero else zero))",
+              "        v = ((nu / de) * s + zero) * sc",
+              "        nbv = (_bits(v) & ex) == ex",
+              "        bad[j] = np.uint8(1) if " + " | ".join([f"nb{i}" for i in range(k)] + ["nbv"])
+              + " else np.uint8(0)",
+              "        sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))",
+              "        flag[j] = np.uint8(1) if (s0 == zero) & ((pn + nn) > zero) else np.uint8(0)",
+              "        _put(out, j, b + v)", "", ""]
+    return "\n".join(lines)
+
+
+def ties_candidates(k: int, drop: bool) -> str:
+    name = f"_tiesc{k}{'d' if drop else ''}"
+    lines = ["@nb.njit(**_OPTS)",
+             f"def {name}({_sig(k)}, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:",
+             '    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""']
+    lines += _setup(k, drop)
+    lines += ["    namb = 0", "    for j in range(base.size):", "        if not flag[j]:", "            continue",
+              "        b = _f32(base[j])", "        pos = np.uint64(start + j)"]
+    for i in range(k):
+        lines += _task(i, drop, "        ")
+    lines += _sums(k, "        ")
+    lines += ["        de = pd + (one - (one if pd > zero else zero))",
+              "        amb_pos[namb] = ((pn / de) * one + zero) * sc",
+              "        de = nd + (one - (one if nd > zero else zero))",
+              "        amb_neg[namb] = ((nn / de) * -one + zero) * sc",
+              "        amb_idx[namb] = start + j", "        namb += 1", "    return namb", "", ""]
+    return "\n".join(lines)
+
+
+def main_ties(parts: list[str]) -> None:
+    keys = [(k, d) for k in range(1, 5) for d in (False, True)]
+    for k, d in keys:
+        parts.append(ties_loop(k, d))
+        parts.append(ties_candidates(k, d))
+    m = ",\n    ".join(f"({k}, {d}): (_ties{k}{'d' if d else ''}, _tiesc{k}{'d' if d else ''})" for k, d in keys)
+    parts.append(f"#: (experts, DARE) -> (fused TIES loop, undecided candidates)\nTIES = {{\n    {m},\n}}\n")
 
 
 if __name__ == "__main__":

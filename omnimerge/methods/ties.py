@@ -463,8 +463,22 @@ class TiesBlockState:
     majority: float | None
     brackets: list[_Bracket | None]
     signsum: int = 0
-    guess: float = 0.0  # the majority sign predicted from the sample; undecided entries are merged with it
+    # the majority sign predicted from the sample, then from the sign sum so far: undecided entries are merged
+    # with it as they stream, and amended afterwards only where it differs from the tensor's majority
+    guess: float = 0.0
+
+    def record(self, signsum: int, idx: np.ndarray | None, pos: torch.Tensor | None,
+               neg: torch.Tensor | None) -> None:
+        """After a block or chunk merged with ``guess``: its sign sum and undecided entries; update the guess."""
+        self.signsum += signsum
+        if idx is not None and len(idx):
+            self.fix_idx.append(idx)
+            self.fix_pos.append(pos)  # type: ignore[arg-type]
+            self.fix_neg.append(neg)  # type: ignore[arg-type]
+            self.fix_guess.append(self.guess)
+        self.guess = float((self.signsum > 0) - (self.signsum < 0)) if self.signsum else self.guess
     fix_idx: list[np.ndarray] = field(default_factory=list)
+    fix_guess: list[float] = field(default_factory=list)  # the guess each group of fix_idx was merged with
     fix_pos: list[torch.Tensor] = field(default_factory=list)
     fix_neg: list[torch.Tensor] = field(default_factory=list)
 
@@ -596,7 +610,8 @@ class TiesBlockwise:
             if st.majority != 0.0:  # s = 0 -> majority: s + (1 - |s|) * maj (exact on {-1, 0, 1})
                 sign.add_(sign.abs().neg_().add_(1.0).mul_(st.majority))
         else:
-            st.signsum += int(sign.sum())
+            block_sum = int(sign.sum())
+            recorded: tuple[Any, Any, Any] = (None, None, None)
             s_np = _np(sign)
             amb = s_np == 0
             any_zero = bool(amb.any())
@@ -610,11 +625,11 @@ class TiesBlockwise:
                     ti = torch.from_numpy(idx)
                     sub = [t.reshape(-1)[ti] for t in weighted]
                     one = torch.ones(idx.size, dtype=sign.dtype)
-                    st.fix_idx.append(idx + start)
-                    st.fix_pos.append(_disjoint_mean(sub, st.weight, one).mul_(st.scaling))
-                    st.fix_neg.append(_disjoint_mean(sub, st.weight, one.neg()).mul_(st.scaling))
+                    recorded = (idx + start, _disjoint_mean(sub, st.weight, one).mul_(st.scaling),
+                                _disjoint_mean(sub, st.weight, one.neg()).mul_(st.scaling))
                 if st.guess != 0.0:
                     sign.add_(sign.abs().neg_().add_(1.0).mul_(st.guess))
+            st.record(block_sum, *recorded)
         return _disjoint_mean(weighted, st.weight, sign).mul_(st.scaling)
 
     def fixups(self, st: TiesBlockState) -> tuple[np.ndarray, torch.Tensor] | None:
@@ -623,13 +638,14 @@ class TiesBlockwise:
         if st.majority is not None or not st.fix_idx:
             return None
         maj = (st.signsum > 0) - (st.signsum < 0)
-        if maj == st.guess:
+        wrong = [i for i, g in enumerate(st.fix_guess) if g != maj]
+        if not wrong:
             return None
+        idx = np.concatenate([st.fix_idx[i] for i in wrong])
         if maj == 0:  # they stay unmerged: delta = (0 / 1 * 0 + 0) * lambda
-            n = sum(len(i) for i in st.fix_idx)
-            return np.concatenate(st.fix_idx), torch.zeros(n, dtype=torch.float32).mul_(st.scaling)
+            return idx, torch.zeros(len(idx), dtype=torch.float32).mul_(st.scaling)
         vals = st.fix_pos if maj > 0 else st.fix_neg
-        return np.concatenate(st.fix_idx), torch.cat(vals)
+        return idx, torch.cat([vals[i] for i in wrong])
 
 
 _BLOCKWISE = TiesBlockwise()
