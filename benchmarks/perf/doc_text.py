@@ -96,7 +96,7 @@ torch 2.13.0 CPU first) unless `--mergekit-venv` points at one. mergekit's TIES 
 per case, so they run once; `--mergekit-from results.json` reuses their timings (and their outputs, kept
 under `DATA_DIR/runs`) from an earlier run. This page was produced with mergekit's 0.5B TIES and DARE-TIES
 timings from such an earlier run on the same quiet machine the same night (load ~1.3–1.4,
-`--mergekit-from`); everything else, mergekit's other runs included, is from this run.
+`--mergekit-from`); everything else, mergekit's other runs included, is from this run.{(" " + res["note"] + ".") if res.get("note") else ""}
 
 ## Set-up
 
@@ -180,8 +180,12 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
   weight average run one single-pass loop per 1M-element chunk that reads every input once and writes the output
   once (generated for 1–4 experts per pass by `tools/gen_kernels.py`; more experts carry the running sum between
   passes): ~0.5 ns per element for three bf16 experts on one core, against ~3 ns for the same operations as
-  torch kernel calls on 64K blocks. TIES and DARE-TIES run their counting sweep and merge as compiled calls per
-  chunk (cache-sized sub-blocks inside). The kernels perform the same IEEE float32 operations in the same order
+  torch kernel calls on 64K blocks. TIES and DARE-TIES merge in one vectorised pass per entry for up to 4
+  experts (per-entry sign, finiteness and undecided flags go to byte arrays that a second loop reduces: with the
+  reductions inside, LLVM did not vectorise the pass and it cost 4–11 ns per entry; now ~2.4 ns for TIES and
+  ~5 ns for DARE-TIES on one core); more experts, and the counting sweep, use compiled row-wise kernels on
+  cache-sized sub-blocks. Undecided entries are merged with the majority sign guessed from the sample and then
+  from the running sign sum; only those merged with a wrong guess are patched afterwards. The kernels perform the same IEEE float32 operations in the same order
   as the torch path, so the outputs are **bit-identical** (tests compare both paths on every method, dtype and
   expert count, including the ambiguous-sign fix-ups). They load in the background; until then chunks take the
   torch path (same bits).
@@ -202,12 +206,8 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
 - **Interpreter**: cyclic GC paused during the stream and the torch import and frozen after it (~0.35 s).
 - **What bounds it now**: process start (~1.3 s, torch) plus kernel loading (~0.5 s, partly overlapped), the
   disk for durable output, memory bandwidth for the cheap merges (2 cores share it with the digest thread), and
-  for TIES / DARE-TIES the chunked kernel: ~7 ns per entry for 3 experts on one core (DARE's three 32-bit
-  hashes ~3 ns, the row-wise disjoint mean ~3 ns). A single-pass loop per entry, as for task arithmetic, was
-  tried and is not vectorised by LLVM while it carries reductions (sign sum, finiteness, undecided count):
-  4–11 ns per entry. Without them it vectorises (1.3 ns per entry for the TIES core, measured alone), and with
-  them written to byte arrays reduced afterwards it still does (2.4 ns, measured while another job ran). That
-  is the next step for DARE-TIES, the one method below its 10× target. mergekit's
+  for DARE-TIES the three 32-bit mask hashes per entry (~2.6 ns of its ~5 ns per entry on one core, against
+  ~2.4 ns for TIES without DARE). mergekit's
   TIES fully sorts every task vector (`argsort`) and works in bf16.
 
 ## `benchmarks/bench_merge.py` (three experts of a ~1.5 GB checkpoint)
@@ -236,9 +236,9 @@ back to back on the quiet machine (the old engine from a `git worktree`). In-pro
 
 | method | before: merge s / wall s / RSS GB | after: merge s / wall s / RSS GB | outputs |
 |---|---|---|---|
-| task arithmetic | 4.54 / 6.26 / 0.31 | 2.55 / 4.06 / 0.47 | equal (same operations) |
-| TIES | 21.79 / 23.51 / 5.83 | 5.45 / 6.96 / 1.53 | **byte-identical** (`cmp` of the shards) |
-| DARE-TIES | 21.49 / 23.22 / 5.83 | 4.80 / 6.33 / 0.98 | masks differ by design (counter-based now) |
+| task arithmetic | 4.58 / 6.31 / 0.30 | 2.43 / 3.93 / 0.47 | equal (same operations) |
+| TIES | 22.52 / 24.32 / 5.83 | 4.74 / 6.29 / 1.50 | **byte-identical** (`cmp` of the shards) |
+| DARE-TIES | 22.35 / 24.12 / 5.83 | 3.91 / 5.43 / 0.64 | masks differ by design (counter-based now) |
 
 (The new engine's RSS for task arithmetic includes numba's ~0.15 GB; the TIES figures include the mapped input
 pages of the chunk in flight.)
