@@ -20,6 +20,14 @@ from omnimerge.methods import ties as ties_mod
 BIG = "model.layers.0.mlp.up_proj.weight"  # 1100 x 1030: 18 blocks of 64K or 2 kernel chunks, both partial
 WIDE = "model.embed_tokens.weight"  # 1200 x 400
 SMALL = "model.layers.0.input_layernorm.weight"
+#: (method, per-expert weights, parameters): trimming, weights, global majority, DARE with and without trimming
+TIES_CASES = [
+    ("ties", None, {"scaling": 1.0, "density": 0.2}),
+    ("ties", [1.0, 0.5, 2.0], {"scaling": 0.7, "density": 0.35}),
+    ("ties", None, {"scaling": 0.5, "density": 0.2, "granularity": "global"}),
+    ("dare_ties", None, {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 3}),
+    ("dare_ties", [0.8, 1.0, 1.3], {"scaling": 0.8, "drop_rate": 0.3, "density": 0.4, "seed": 5}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +125,7 @@ def _set_guess(st, flip):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(
     ("method", "weights", "params"),
-    [
-        ("ties", None, {"scaling": 1.0, "density": 0.2}),
-        ("ties", [1.0, 0.5, 2.0], {"scaling": 0.7, "density": 0.35}),
-        ("ties", None, {"scaling": 0.5, "density": 0.2, "granularity": "global"}),
-        ("dare_ties", None, {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 3}),
-        ("dare_ties", None, {"scaling": 0.8, "drop_rate": 0.3, "density": 0.4, "seed": 5}),
-        ("dare_ta", [1.0, 0.5, 2.0], {"scaling": 0.6, "drop_rate": 0.4, "seed": 1}),
-    ],
+    [*TIES_CASES, ("dare_ta", [1.0, 0.5, 2.0], {"scaling": 0.6, "drop_rate": 0.4, "seed": 1})],
 )
 def test_streamed_equals_whole_tensor(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       patches: list[int], method: str, weights: list[float] | None,
@@ -266,13 +267,7 @@ def test_compiled_kernel_is_skipped_for_weights_and_reports_nan(models: Path, tm
 
 @pytest.mark.parametrize(
     ("method", "weights", "params"),
-    [
-        ("ties", None, {"scaling": 1.0, "density": 0.2}),
-        ("ties", [1.0, 0.5, 2.0], {"scaling": 0.7, "density": 0.35}),
-        ("ties", None, {"scaling": 0.5, "density": 0.2, "granularity": "global"}),
-        ("dare_ties", None, {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 3}),
-        ("dare_ties", [0.8, 1.0, 1.3], {"scaling": 0.8, "drop_rate": 0.3, "density": 0.4, "seed": 5}),
-    ],
+    TIES_CASES,
 )
 def test_compiled_ties_equals_torch(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     patches: list[int], method: str, weights: list[float] | None,
