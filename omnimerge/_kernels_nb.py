@@ -65,47 +65,22 @@ def _put_ov(out: Any, j: Any, v: Any) -> Any:
 
 
 @nb.njit(**_OPTS)
-def _round_bf16(acc_u: Any, out: Any) -> None:
-    for j in range(acc_u.size):
-        u = np.int64(acc_u[j])
-        if (u & 0x7FFFFFFF) > 0x7F800000:
-            out[j] = np.uint16(0x7FC0)  # NaN, as torch rounds it
-        else:
-            out[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
-
-@nb.njit(**_OPTS)
-def _store(acc: Any, m: int, out: Any, s0: int, out_bf16: bool) -> None:
-    """acc[:m] (float32) into out[s0:s0+m]: rounded to bfloat16 bits (uint16 out) or copied (float32 out)."""
-    if out_bf16:
-        _round_bf16(acc[:m].view(np.uint32), out[s0 : s0 + m])
-    else:
-        for j in range(m):
-            out[s0 + j] = acc[j]
+def _store(res: Any, m: int, out: Any, s0: int) -> None:
+    """res[:m] (float32) into out[s0:s0+m] in the output's dtype (see _put)."""
+    for j in range(m):
+        _put(out, s0 + j, res[j])
 
 
 @nb.njit(**_OPTS)
-def _load(base: Any, experts: Any, s0: int, m: int, in_bf16: bool, b_u: Any, t_u: Any, tv: Any) -> None:
-    """Entries [s0, s0 + m) of the inputs: the base as float32 (b_u's bits) and the task vectors into tv."""
-    bf = b_u.view(np.float32)
-    if in_bf16:
+def _load(base: Any, experts: Any, s0: int, m: int, bf: Any, tv: Any) -> None:
+    """Entries [s0, s0 + m) of the inputs: the base as float32 into bf, the task vectors W_i - W0 into tv."""
+    for j in range(m):
+        bf[j] = _f32(base[s0 + j])
+    for i in range(len(experts)):
+        e = experts[i]
+        row = tv[i]
         for j in range(m):
-            b_u[j] = np.uint32(base[s0 + j]) << np.uint32(16)
-        tf = t_u.view(np.float32)
-        for i in range(len(experts)):
-            e = experts[i]
-            row = tv[i]
-            for j in range(m):
-                t_u[j] = np.uint32(e[s0 + j]) << np.uint32(16)
-            for j in range(m):
-                row[j] = tf[j] - bf[j]
-    else:
-        for j in range(m):
-            bf[j] = base[s0 + j]
-        for i in range(len(experts)):
-            e = experts[i]
-            row = tv[i]
-            for j in range(m):
-                row[j] = e[s0 + j] - bf[j]
+            row[j] = _f32(e[s0 + j]) - bf[j]
 
 
 @nb.njit(**_OPTS)
@@ -289,8 +264,7 @@ def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: 
 
 
 @nb.njit(**_OPTS)
-def ties_sweep_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any, tv: Any, start: int, keys: Any,
-                     dthr: int, dscale: float, use_drop: bool, active: Any, lo: Any, hi: Any, has_lo: Any,
+def ties_sweep_chunk(base: Any, experts: Any, bf: Any, tv: Any, start: int, keys: Any, dthr: int, dscale: float, use_drop: bool, active: Any, lo: Any, hi: Any, has_lo: Any,
                      has_hi: Any, counts: Any, inside: Any, ninside: Any) -> bool:
     """A chunk of a statistics sweep: per active expert, the four counts (added to ``counts[i]``) and the
     magnitudes inside its bracket (appended to ``inside[i]`` from ``ninside[i]`` on). False: non-finite input."""
@@ -298,7 +272,7 @@ def ties_sweep_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any,
     finite = True
     for s0 in range(0, n, SUB):
         m = min(SUB, n - s0)
-        _load(base, experts, s0, m, in_bf16, b_u, t_u, tv)
+        _load(base, experts, s0, m, bf, tv)
         finite &= prepare(tv, m, start + s0, keys, dthr, dscale, use_drop)
         for i in range(tv.shape[0]):
             if active[i]:
@@ -312,10 +286,9 @@ def ties_sweep_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any,
 
 
 @nb.njit(**_OPTS)
-def ties_merge_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any, tv: Any, start: int, keys: Any,
-                     dthr: int, dscale: float, use_drop: bool, thr: Any, use_thr: Any, w: Any, scaling: float,
+def ties_merge_chunk(base: Any, experts: Any, bf: Any, tv: Any, start: int, keys: Any, dthr: int, dscale: float, use_drop: bool, thr: Any, use_thr: Any, w: Any, scaling: float,
                      maj: float, maj_known: bool, tot: Any, acc: Any, res: Any, flag: Any, amb_idx: Any,
-                     amb_pos: Any, amb_neg: Any, out: Any, out_bf16: bool) -> Any:
+                     amb_pos: Any, amb_neg: Any, out: Any) -> Any:
     """A chunk of the merge sweep, in sub-blocks: load, DARE, TIES, store to ``out`` (bfloat16 bits or float32).
     Returns (finite, sum of elected signs, undecided entries recorded in amb_*)."""
     n = base.size
@@ -324,14 +297,14 @@ def ties_merge_chunk(base: Any, experts: Any, in_bf16: bool, b_u: Any, t_u: Any,
     namb = 0
     for s0 in range(0, n, SUB):
         m = min(SUB, n - s0)
-        _load(base, experts, s0, m, in_bf16, b_u, t_u, tv)
+        _load(base, experts, s0, m, bf, tv)
         finite &= prepare(tv, m, start + s0, keys, dthr, dscale, use_drop)
-        ok, ss, na = ties_merge(tv, b_u.view(np.float32), m, start + s0, thr, use_thr, w, scaling, maj, maj_known,
+        ok, ss, na = ties_merge(tv, bf, m, start + s0, thr, use_thr, w, scaling, maj, maj_known,
                                 tot, acc, res, flag, amb_idx[namb:], amb_pos[namb:], amb_neg[namb:])
         finite &= ok
         signsum += ss
         namb += na
-        _store(res, m, out, s0, out_bf16)
+        _store(res, m, out, s0)
     return finite, signsum, namb
 
 
@@ -348,5 +321,5 @@ def reduce_flags(bad: Any, sgn: Any, flag: Any) -> Any:
     return b != 0, s, f
 
 
-KERNELS = {"prepare": prepare, "reduce_flags": reduce_flags, "count": count, "ties_merge": ties_merge, "round_bf16": _round_bf16,
-           "load": _load, "ties_sweep_chunk": ties_sweep_chunk, "ties_merge_chunk": ties_merge_chunk}
+KERNELS = {"prepare": prepare, "reduce_flags": reduce_flags, "load": _load, "ties_sweep_chunk": ties_sweep_chunk,
+           "ties_merge_chunk": ties_merge_chunk}

@@ -341,7 +341,7 @@ class MergeRun:
         form = linear(self.kwargs) if linear is not None and self.use_kernels else None
         kernel = None
         if form is not None and LinearBlocks.supports([base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
-            kernel = LinearBlocks(base_raw.dtype, job.out_dtype, min(n, KERNEL_CHUNK), *form)
+            kernel = LinearBlocks(job.out_dtype, min(n, KERNEL_CHUNK), *form)
         obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
         if self.workers > 1 and threading.current_thread() is not threading.main_thread():
             torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
@@ -457,7 +457,7 @@ class MergeRun:
             kern = None
             if self.use_kernels and getattr(bw, "compiled", None) == "ties" and TiesBlocks.supports(
                     state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
-                kern = TiesBlocks(state, base_raw.dtype, job.out_dtype, min(n, KERNEL_CHUNK))
+                kern = TiesBlocks(state, job.out_dtype, min(n, KERNEL_CHUNK))
             while bw.wants_sweep(state):
                 for s, e, fast in sweep_blocks(kern):
                     if fast:  # compiled: the same operations, one call per chunk

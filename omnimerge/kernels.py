@@ -57,10 +57,10 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
 
                 st = TiesBlockState(TensorContext(name="warm-up"), n, 0.5, (1.0,) * experts, 1.0, 0.5, 4,
                                     [None] * experts, None, [None] * experts)
-                tb = TiesBlocks(st, in_dtype, out_dtype, n)
+                tb = TiesBlocks(st, out_dtype, n)
                 tb.merge(st, 0, base, [base] * experts)
             else:
-                lin = LinearBlocks(in_dtype, out_dtype, n, 1.0, "mul")
+                lin = LinearBlocks(out_dtype, n, 1.0, "mul")
                 lin(base, [base] * experts)
         except Exception:  # noqa: BLE001 - kernels that do not compile here are not used: the torch path runs
             global _compiled, _failed
@@ -119,7 +119,7 @@ class LinearBlocks:
     """Merges chunks of one tensor: ``W0 + op(sum_i (W_i - W0))`` (op: scale by ``scale`` or divide by it),
     rounded to the output dtype. ``supports`` says whether a dtype combination is handled."""
 
-    def __init__(self, in_dtype: torch.dtype, out_dtype: torch.dtype, chunk: int, scale: float, mode: str) -> None:
+    def __init__(self, out_dtype: torch.dtype, chunk: int, scale: float, mode: str) -> None:
         assert _kernels() is not None
         from omnimerge._kernels_fused import LINEAR
 
@@ -160,17 +160,15 @@ class TiesBlocks:
     ``sweep`` and ``merge`` do what :class:`omnimerge.methods.ties.TiesBlockwise` does on torch task vectors, with
     the same float32 operations (tests check the outputs bit for bit), one compiled call per chunk."""
 
-    def __init__(self, st: Any, in_dtype: torch.dtype, out_dtype: torch.dtype, chunk: int) -> None:
+    def __init__(self, st: Any, out_dtype: torch.dtype, chunk: int) -> None:
         from omnimerge.methods.ties import dare_key
 
         k = _kernels()
         assert k is not None
         self.k = k
-        self.in_bf16 = in_dtype == torch.bfloat16
         T = len(st.weight)
         self.tv = np.empty((T, SUB), np.float32)
-        self.b_u = np.empty(SUB, np.uint32)
-        self.t_u = np.empty(SUB, np.uint32)
+        self.bf = np.empty(SUB, np.float32)
         self.tot = np.empty(SUB, np.float32)
         self.acc = np.empty((4, SUB), np.float32)
         self.res = np.empty(SUB, np.float32)
@@ -187,7 +185,6 @@ class TiesBlocks:
         self.dthr = round(st.drop_rate * 2.0**32)
         self.dscale = float(np.float32(1.0 / (1.0 - st.drop_rate))) if self.use_drop else 1.0
         self.w = np.array(st.weight, dtype=np.float32)
-        self.out_bf16 = out_dtype == torch.bfloat16
         self.out = torch.empty(chunk, dtype=out_dtype)
 
     @staticmethod
@@ -213,8 +210,7 @@ class TiesBlocks:
         has_hi = np.array([b is not None and b.hi is not None for b in st.brackets], dtype=np.bool_)
         counts = np.zeros((T, 4), np.int64)
         ninside = np.zeros(T, np.int64)
-        ok = self.k["ties_sweep_chunk"](_np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u,
-                                        self.tv, start, *self._drop(), active, lo, hi, has_lo, has_hi, counts,
+        ok = self.k["ties_sweep_chunk"](_np(base), tuple(_np(r) for r in raws), self.bf, self.tv, start, *self._drop(), active, lo, hi, has_lo, has_hi, counts,
                                         self.inside, ninside)
         if not ok:
             return False
@@ -234,7 +230,7 @@ class TiesBlocks:
         b_np, r_np = _np(base), tuple(_np(r) for r in raws)
         for s0 in range(0, n, SUB):
             m = min(SUB, n - s0)
-            self.k["load"](b_np, r_np, s0, m, self.in_bf16, self.b_u, self.t_u, self.tv)
+            self.k["load"](b_np, r_np, s0, m, self.bf, self.tv)
             if not self.k["prepare"](self.tv, m, start + s0, *self._drop()):
                 return False
             for i, b in enumerate(st.brackets):
@@ -265,10 +261,10 @@ class TiesBlocks:
             return self._merged(st, out, not anybad, signsum, namb)
         use_thr = np.array([t is not None for t in st.thresholds], dtype=np.bool_)
         finite, signsum, namb = self.k["ties_merge_chunk"](
-            _np(base), tuple(_np(r) for r in raws), self.in_bf16, self.b_u, self.t_u, self.tv, start, *self._drop(),
+            _np(base), tuple(_np(r) for r in raws), self.bf, self.tv, start, *self._drop(),
             thr, use_thr, self.w, st.scaling, maj,
             st.majority is not None, self.tot, self.acc, self.res, self.flag, self.amb_idx, self.amb_pos,
-            self.amb_neg, _np(out), self.out_bf16)
+            self.amb_neg, _np(out))
         return self._merged(st, out, finite, signsum, namb)
 
     def _merged(self, st: Any, out: torch.Tensor, finite: bool, signsum: int, namb: int) -> torch.Tensor | None:
