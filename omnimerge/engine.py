@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ class MergeRun:
                 job.cost = (T + 3) * meta.numel * es
                 if meta.numel >= FUSED_BLOCK and self._fusable():
                     job.cost, job.streaming = (T + 3) * FUSED_BLOCK * es + 4 * KERNEL_CHUNK, True  # a few blocks
-                elif meta.numel >= BLOCKWISE_MIN_NUMEL and self._blockwise(job) is not None:
+                elif self._blockwise(job) is not None:
                     # blocks, plus the magnitudes kept between sweeps (a few percent per expert)
                     job.cost = (T + 8) * FUSED_BLOCK * es + (4 * T + 20) * KERNEL_CHUNK + T * meta.numel * es // 16
                     job.streaming = True
@@ -299,12 +300,12 @@ class MergeRun:
             log=self.notes,
         )
 
+    def _streamable(self) -> bool:
+        """Tensors can be streamed from the memory-mapped inputs: CPU math, every expert a full checkpoint."""
+        return self.device.type == "cpu" and all(isinstance(s, FullSource) for s in self.experts)
+
     def _fusable(self) -> bool:
-        return (
-            bool(getattr(self.method.fn, "elementwise", False))
-            and self.device.type == "cpu"
-            and all(isinstance(s, FullSource) for s in self.experts)
-        )
+        return bool(getattr(self.method.fn, "elementwise", False)) and self._streamable()
 
     def _raw_inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[Checkpoint, str]]] | None:
         """The flat memory-mapped base and expert tensors of a job as stored, and (checkpoint, name) of each
@@ -322,6 +323,50 @@ class MergeRun:
             mapped.append((src.ckpt, name))
         return base_raw, raws, mapped
 
+    def _blocks(self, n: int, mapped: list[tuple[Checkpoint, str]], compiled: bool) -> Any:
+        """(start, end, compiled) over a streamed tensor of n entries: a kernel chunk where ``compiled`` and the
+        kernels have loaded, else a torch block (the same bits either way). Unmaps what was read as it goes: the
+        resident set stays small (the page cache keeps the bytes)."""
+        released = e = 0
+        while e < n:
+            s = e
+            fast = compiled and s % KERNEL_CHUNK == 0 and kernels_ready()
+            e = min(n, s + (KERNEL_CHUNK if fast else FUSED_BLOCK))
+            yield s, e, fast
+            if e - released >= 32 * FUSED_BLOCK or e == n:
+                for ck, nm in mapped:
+                    ck.release(nm, released, e)
+                released = e
+
+    def _torch_block(self, base_raw: torch.Tensor, raws: list[torch.Tensor], s: int,
+                     e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Entries [s, e) as the compute dtype: the base and the task vectors W_i - W0 (each expert converted
+        exactly inside the subtraction when the compute dtype holds it: one pass, no converted copy)."""
+        cd = self.compute_dtype
+        b = base_raw[s:e].to(dtype=cd, copy=True)
+        return b, [torch.sub(r[s:e], b) if torch.promote_types(r.dtype, cd) == cd
+                   else r[s:e].to(dtype=cd, copy=True).sub_(b) for r in raws]
+
+    @staticmethod
+    def _block_out(b: torch.Tensor, delta: torch.Tensor, obuf: torch.Tensor | None, out_dtype: torch.dtype,
+                   n: int) -> torch.Tensor:
+        """b + delta in the compute dtype, rounded once more to the output dtype on store, as the whole-tensor
+        path's ``base.add_(delta).to(out)`` (into ``obuf[:n]`` when the output dtype differs)."""
+        if obuf is not None:
+            return torch.add(b, delta.to(b.dtype), out=obuf[:n])
+        return b.add_(delta.to(b.dtype)).to(out_dtype)
+
+    @contextmanager
+    def _one_thread_per_worker(self) -> Any:
+        """Worker threads are the parallelism: one intra-op thread each (OpenMP's count is per thread)."""
+        threads = torch.get_num_threads()
+        if self.workers > 1 and threading.current_thread() is not threading.main_thread():
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
     def _merge_job_fused(self, job: Job, writer: ShardedWriter) -> bool:
         """Elementwise methods from full checkpoints: stream the tensor in cache-sized blocks (read from the
         page cache, convert, subtract, merge, add, convert, write each block) instead of making full-size
@@ -334,37 +379,22 @@ class MergeRun:
         base_raw, raws, mapped = inputs
         ctx = self._context(job, None, None)
         n, cd = base_raw.numel(), self.compute_dtype
-        threads = torch.get_num_threads()
-        released = 0
-        exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
         linear = getattr(self.method.fn, "linear", None)
         form = linear(self.kwargs) if linear is not None and self.use_kernels else None
         kernel = None
         if form is not None and LinearBlocks.supports([base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
             kernel = LinearBlocks(job.out_dtype, min(n, KERNEL_CHUNK), *form)
         obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
-        if self.workers > 1 and threading.current_thread() is not threading.main_thread():
-            torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
-        try:
-            e = 0
-            while e < n:
-                s, e = e, min(n, e + FUSED_BLOCK)
-                if kernel is not None and s % KERNEL_CHUNK == 0 and kernels_ready():
-                    # one compiled call per chunk: the same float32 operations, in cache-sized sub-blocks (until
-                    # the kernels have loaded, blocks take the torch path below: the same bits either way)
-                    e = min(n, s + KERNEL_CHUNK)
+        with self._one_thread_per_worker():
+            for s, e, fast in self._blocks(n, mapped, kernel is not None):
+                if fast:  # one compiled call per chunk: the same float32 operations, in cache-sized sub-blocks
+                    assert kernel is not None
                     merged = kernel(base_raw[s:e], [r[s:e] for r in raws])
                     if merged is None:
                         return False
                     writer.write_part(job.name, merged, s, e == n)
-                    for ck, nm in mapped:  # unmap what was read: a small resident set
-                        ck.release(nm, released, e)
-                    released = e
                     continue
-                b = base_raw[s:e].to(dtype=cd, copy=True)
-                # r - b with r converted exactly to cd inside the kernel (one pass, no converted copy)
-                tvs = [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
-                       for i, r in enumerate(raws)]
+                b, tvs = self._torch_block(base_raw, raws, s, e)
                 ctx.offset = s
                 try:
                     delta = self.method.fn(b, tvs, ctx, **self.kwargs)
@@ -379,16 +409,7 @@ class MergeRun:
                         f"method '{self.method.name}' returned shape {list(delta.shape)} for a block of tensor "
                         f"'{job.name}' of shape {list(b.shape)}"
                     )
-                # b + delta in cd, rounded once more to the output dtype on store: as b.add_(delta).to(out)
-                out = torch.add(b, delta.to(b.dtype), out=obuf[: e - s]) if obuf is not None else \
-                    b.add_(delta.to(b.dtype)).to(job.out_dtype)
-                writer.write_part(job.name, out, s, e == n)
-                if e - released >= 32 * FUSED_BLOCK:  # unmap what was read since: a small resident set
-                    for ck, nm in mapped:
-                        ck.release(nm, released, e)
-                    released = e
-        finally:
-            torch.set_num_threads(threads)
+                writer.write_part(job.name, self._block_out(b, delta, obuf, job.out_dtype, e - s), s, e == n)
         return True
 
     def _preload_kernels(self, jobs: list[Job]) -> None:
@@ -404,10 +425,9 @@ class MergeRun:
             preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties)
 
     def _blockwise(self, job: Job) -> Any:
+        """The method's block-wise implementation if this job can use it, else None."""
         bw = getattr(self.method.fn, "blockwise", None)
-        if bw is None or job.meta.numel < BLOCKWISE_MIN_NUMEL or self.device.type != "cpu":
-            return None
-        if not all(isinstance(s, FullSource) for s in self.experts):
+        if bw is None or job.meta.numel < BLOCKWISE_MIN_NUMEL or not self._streamable():
             return None
         return bw
 
@@ -422,72 +442,50 @@ class MergeRun:
             return False
         base_raw, raws, mapped = inputs
         n, cd = base_raw.numel(), self.compute_dtype
-        exact = [torch.promote_types(r.dtype, cd) == cd for r in raws]
-
-        def block(s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            b = base_raw[s:e].to(dtype=cd, copy=True)
-            return b, [torch.sub(r[s:e], b) if exact[i] else r[s:e].to(dtype=cd, copy=True).sub_(b)
-                       for i, r in enumerate(raws)]
 
         def sample(pos: Any) -> list[torch.Tensor]:
             idx = torch.from_numpy(pos)
             b = base_raw[idx].to(dtype=cd)
             return [r[idx].to(dtype=cd).sub_(b) for r in raws]
 
-        def sweep_blocks(kern: Any):  # type: ignore[no-untyped-def]
-            """(start, end, compiled): a kernel chunk once the kernels have loaded, else a torch block."""
-            released = e = 0
-            while e < n:
-                s = e
-                fast = kern is not None and s % KERNEL_CHUNK == 0 and kernels_ready()
-                e = min(n, s + (KERNEL_CHUNK if fast else FUSED_BLOCK))
-                yield s, e, fast
-                if e - released >= 32 * FUSED_BLOCK or e == n:  # unmap what was read: a small resident set
-                    for ck, nm in mapped:
-                        ck.release(nm, released, e)
-                    released = e
-
         ctx = self._context(job, None, stats)
-        threads = torch.get_num_threads()
-        if self.workers > 1 and threading.current_thread() is not threading.main_thread():
-            torch.set_num_threads(1)  # per thread (OpenMP): the workers are the parallelism
         checked = not self.check_finite
-        try:
+        with self._one_thread_per_worker():
             state = bw.begin(ctx, n, self.kwargs, sample)
             kern = None
             if self.use_kernels and getattr(bw, "compiled", None) == "ties" and TiesBlocks.supports(
                     state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
                 kern = TiesBlocks(state, job.out_dtype, min(n, KERNEL_CHUNK))
             while bw.wants_sweep(state):
-                for s, e, fast in sweep_blocks(kern):
+                for s, e, fast in self._blocks(n, mapped, kern is not None):
                     if fast:  # compiled: the same operations, one call per chunk
+                        assert kern is not None
                         if not kern.sweep(state, s, base_raw[s:e], [r[s:e] for r in raws]):
                             return False
                         continue
-                    _b, tvs = block(s, e)
+                    _b, tvs = self._torch_block(base_raw, raws, s, e)
                     if not checked and not all(_all_finite(t) for t in tvs):
                         return False
                     bw.sweep(state, s, tvs)
                 checked = True
                 bw.end_sweep(state)
             obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
-            for s, e, fast in sweep_blocks(kern):
+            for s, e, fast in self._blocks(n, mapped, kern is not None):
                 if fast:
+                    assert kern is not None
                     merged = kern.merge(state, s, base_raw[s:e], [r[s:e] for r in raws])
                     if merged is None:
                         return False
                     writer.write_part(job.name, merged, s, e == n)
                     continue
-                b, tvs = block(s, e)
+                b, tvs = self._torch_block(base_raw, raws, s, e)
                 if not checked and not all(_all_finite(t) for t in tvs):
                     return False
                 delta = bw.merge(state, s, tvs)
                 del tvs
                 if self.check_finite and not _all_finite(delta):
                     return False
-                out = torch.add(b, delta.to(b.dtype), out=obuf[: e - s]) if obuf is not None else \
-                    b.add_(delta.to(b.dtype)).to(job.out_dtype)
-                writer.write_part(job.name, out, s, e == n)
+                writer.write_part(job.name, self._block_out(b, delta, obuf, job.out_dtype, e - s), s, e == n)
             fix = bw.fixups(state)
             if fix is not None:
                 idx, dvals = fix
@@ -496,8 +494,6 @@ class MergeRun:
                 ti = torch.from_numpy(idx)
                 b = base_raw[ti].to(dtype=cd)
                 writer.patch(job.name, idx, b.add_(dvals.to(cd)).to(job.out_dtype))
-        finally:
-            torch.set_num_threads(threads)
         return True
 
     def _release(self, job: Job) -> None:
