@@ -50,6 +50,7 @@ from omnimerge.checkpoint.writer import (
     discard_dir,
     make_temp_dir,
     parse_size,
+    run_error,
 )
 from omnimerge.components import Selector, classify
 from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
@@ -643,10 +644,8 @@ class MergeRun:
             tmp = None
             report.seconds = time.perf_counter() - t0
             return report
-        except KeyboardInterrupt:
-            raise
         except OSError as e:
-            raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
+            raise run_error(e, self.output) from None
         finally:
             if writer is not None:
                 writer.close()

@@ -80,7 +80,7 @@ from omnimerge.checkpoint.reader import (
     read_json,
     resolve_model_path,
 )
-from omnimerge.checkpoint.writer import ShardedWriter, commit_dir, discard_dir, make_temp_dir
+from omnimerge.checkpoint.writer import ShardedWriter, commit_dir, discard_dir, make_temp_dir, run_error
 from omnimerge.components import classify
 from omnimerge.engine import DTYPES, Job, MergeReport, MergeRun
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
@@ -465,10 +465,8 @@ class _ModalityMerge:
             tmp = None
             report.seconds = time.perf_counter() - t0
             return report
-        except KeyboardInterrupt:
-            raise
         except OSError as e:
-            raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
+            raise run_error(e, self.output) from None
         finally:
             self._cleanup(tmp)
 
@@ -631,10 +629,8 @@ class _OnlineComposition(_ModalityMerge):
             tmp = None
             report.seconds = time.perf_counter() - t0
             return report
-        except KeyboardInterrupt:
-            raise
         except OSError as e:
-            raise OutputError(f"{getattr(e, 'filename', None) or self.output}: {e.strerror or e}") from None
+            raise run_error(e, self.output) from None
         finally:
             self._cleanup(tmp)
 

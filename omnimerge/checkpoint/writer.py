@@ -137,6 +137,11 @@ def _as_output_error(e: OSError, where: str) -> OutputError:
     return OutputError(f"{where}: cannot write ({e.strerror or e})")
 
 
+def run_error(e: OSError, target: Path) -> OutputError:
+    """An OSError met anywhere in a merge that writes ``target``, as a one-line user error naming the file."""
+    return OutputError(f"{getattr(e, 'filename', None) or target}: {e.strerror or e}")
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
     t = t.detach()
