@@ -526,6 +526,13 @@ class MergeRun:
         bw = self._blockwise(job)
         if bw is not None and self._merge_job_blockwise(job, writer, stats, bw):
             return
+        base, delta = self._whole_tensor_delta(job, stats)
+        out = base.add_(delta)
+        del delta
+        writer.write(job.name, out.to(job.out_dtype))
+
+    def _whole_tensor_delta(self, job: Job, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base tensor and the method's delta for it (in the base's compute dtype), whole."""
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)
         delta = self.method.fn(base, tvs, ctx, **self.kwargs)
@@ -535,9 +542,7 @@ class MergeRun:
                 f"method '{self.method.name}' returned shape {list(delta.shape)} for tensor '{job.name}' of shape "
                 f"{list(base.shape)}"
             )
-        out = base.add_(delta.to(base.dtype))
-        del delta
-        writer.write(job.name, out.to(job.out_dtype))
+        return base, delta.to(base.dtype)
 
     def _copy_job(self, job: Job, writer: ShardedWriter) -> None:
         assert self.base is not None

@@ -697,19 +697,6 @@ class _LoraOut:
     zero: int = 0
 
 
-def _merged_delta(run: Any, job: Any, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    base_t, tvs, factors = run._inputs(job)
-    ctx = run._context(job, factors, stats)
-    delta = run.method.fn(base_t, tvs, ctx, **run.kwargs)
-    del tvs
-    if tuple(delta.shape) != tuple(base_t.shape):
-        raise OutputError(
-            f"method '{run.method.name}' returned shape {list(delta.shape)} for tensor '{job.name}' of shape "
-            f"{list(base_t.shape)}"
-        )
-    return base_t, delta.to(base_t.dtype)
-
-
 def _add_lora(out: _LoraOut, p: _Param, job: Any, delta: torch.Tensor) -> None:
     digest = hashlib.sha256(job.canonical.encode()).digest()
     gen = torch.Generator(device=delta.device)
@@ -752,7 +739,7 @@ def write_lora_output(run: Any, jobs: list[Any], tmp_dir: Path, stats: Any) -> d
     merged_jobs = [j for j in jobs if j.merged]
     refused: list[str] = []
     for job in run._progress_iter(merged_jobs, "merging (LoRA output)"):
-        base_t, delta = _merged_delta(run, job, stats)
+        base_t, delta = run._whole_tensor_delta(job, stats)
         if not bool(delta.any()):
             out.zero += 1
             continue
@@ -778,7 +765,7 @@ def write_lora_output(run: Any, jobs: list[Any], tmp_dir: Path, stats: Any) -> d
         for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
             out.tensors.pop(f"{PEFT_PREFIX}{module}{suffix}", None)
         out.stats.pop(module, None)
-        base_t, delta = _merged_delta(run, job, stats)
+        base_t, delta = run._whole_tensor_delta(job, stats)
         out.full[module]["weight"] = base_t.add_(delta).to(job.out_dtype).contiguous()
         run.notes(
             f"output: lora: module '{module}' changed beyond its weight (rank-{r} LoRA), so the adapter stores it "
