@@ -10,7 +10,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from omnimerge._kernels_nb import _OPTS, _bits, _f32, _put
+from omnimerge._kernels_nb import _OPTS, _bits, _dare_keep, _f32, _put
 
 
 @nb.njit(**_OPTS)
@@ -242,11 +242,12 @@ LINEAR = {
 }
 
 @nb.njit(**_OPTS)
-def _ties1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 1 expert(s): one pass, no reductions."""
+def _ties1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 1 expert(s): one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -269,12 +270,12 @@ def _ties1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -283,21 +284,20 @@ def _ties1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
 
 
 @nb.njit(**_OPTS)
-def _tiesc1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
     mj = np.float32(maj)
     th0 = np.float32(thr[0])
     w0 = np.float32(w[0])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
@@ -311,20 +311,19 @@ def _tiesc1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 1 expert(s) after DARE: one pass, no reductions."""
+def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 1 expert(s) after DARE: one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -338,13 +337,7 @@ def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         tot = t0
@@ -356,12 +349,12 @@ def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -370,11 +363,12 @@ def _ties1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
 
 
 @nb.njit(**_OPTS)
-def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -383,21 +377,13 @@ def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
     w0 = np.float32(w[0])
     ka0 = np.uint64(keys[0, 0])
     kb0 = np.uint64(keys[0, 1])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         cp0 = t0 if t0 > zero else zero
@@ -407,20 +393,19 @@ def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 2 expert(s): one pass, no reductions."""
+def _ties2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 2 expert(s): one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -455,12 +440,12 @@ def _ties2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -469,11 +454,12 @@ def _ties2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
 
 
 @nb.njit(**_OPTS)
-def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -482,10 +468,8 @@ def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
     w0 = np.float32(w[0])
     th1 = np.float32(thr[1])
     w1 = np.float32(w[1])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
@@ -509,20 +493,19 @@ def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 2 expert(s) after DARE: one pass, no reductions."""
+def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 2 expert(s) after DARE: one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -540,24 +523,12 @@ def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         tot = t0 + t1
@@ -575,12 +546,12 @@ def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -589,11 +560,12 @@ def _ties2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
 
 
 @nb.njit(**_OPTS)
-def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -606,32 +578,18 @@ def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
     w1 = np.float32(w[1])
     ka1 = np.uint64(keys[1, 0])
     kb1 = np.uint64(keys[1, 1])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         cp0 = t0 if t0 > zero else zero
@@ -647,20 +605,19 @@ def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 3 expert(s): one pass, no reductions."""
+def _ties3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 3 expert(s): one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -707,12 +664,12 @@ def _ties3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -721,11 +678,12 @@ def _ties3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
 
 
 @nb.njit(**_OPTS)
-def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -736,10 +694,8 @@ def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
     w1 = np.float32(w[1])
     th2 = np.float32(thr[2])
     w2 = np.float32(w[2])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
@@ -773,20 +729,19 @@ def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 3 expert(s) after DARE: one pass, no reductions."""
+def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 3 expert(s) after DARE: one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -808,35 +763,17 @@ def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         t2 = _f32(e2[j]) - b
         nb2 = (_bits(t2) & ex) == ex
-        x = (pos * ka2 + kb2) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (ds if _dare_keep(pos, ka2, kb2, dthr) else zero)
         t2 = t2 * (one if abs(t2) >= th2 else zero)
         t2 = t2 * w2
         tot = (t0 + t1) + t2
@@ -860,12 +797,12 @@ def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -874,11 +811,12 @@ def _ties3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
 
 
 @nb.njit(**_OPTS)
-def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -895,43 +833,23 @@ def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
     w2 = np.float32(w[2])
     ka2 = np.uint64(keys[2, 0])
     kb2 = np.uint64(keys[2, 1])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         t2 = _f32(e2[j]) - b
         nb2 = (_bits(t2) & ex) == ex
-        x = (pos * ka2 + kb2) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (ds if _dare_keep(pos, ka2, kb2, dthr) else zero)
         t2 = t2 * (one if abs(t2) >= th2 else zero)
         t2 = t2 * w2
         cp0 = t0 if t0 > zero else zero
@@ -953,20 +871,19 @@ def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 4 expert(s): one pass, no reductions."""
+def _ties4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 4 expert(s): one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -1025,12 +942,12 @@ def _ties4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nb3 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -1039,11 +956,12 @@ def _ties4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any,
 
 
 @nb.njit(**_OPTS)
-def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -1056,10 +974,8 @@ def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
     w2 = np.float32(w[2])
     th3 = np.float32(thr[3])
     w3 = np.float32(w[3])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
@@ -1103,20 +1019,19 @@ def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 @nb.njit(**_OPTS)
-def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any) -> None:
-    """TIES over 4 expert(s) after DARE: one pass, no reductions."""
+def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:
+    """TIES over 4 expert(s) after DARE: one pass, no reductions. ``alt``: each
+    entry's delta had its sign been the opposite of the guessed majority (what an undecided entry is
+    amended to if the guess proves wrong; the positive one when there is no guess)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -1142,46 +1057,22 @@ def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         t2 = _f32(e2[j]) - b
         nb2 = (_bits(t2) & ex) == ex
-        x = (pos * ka2 + kb2) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (ds if _dare_keep(pos, ka2, kb2, dthr) else zero)
         t2 = t2 * (one if abs(t2) >= th2 else zero)
         t2 = t2 * w2
         t3 = _f32(e3[j]) - b
         nb3 = (_bits(t3) & ex) == ex
-        x = (pos * ka3 + kb3) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t3 = t3 * (ds if x >= dthr else zero)
+        t3 = t3 * (ds if _dare_keep(pos, ka3, kb3, dthr) else zero)
         t3 = t3 * (one if abs(t3) >= th3 else zero)
         t3 = t3 * w3
         tot = ((t0 + t1) + t2) + t3
@@ -1211,12 +1102,12 @@ def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
         s = s0 + (one - abs(s0)) * mj
-        nu = pn if s > zero else nn
-        nu = nu if s != zero else zero
-        de = pd if s > zero else nd
-        de = de if s != zero else zero
-        de = de + (one - (one if de > zero else zero))
-        v = ((nu / de) * s + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        v = vp if s > zero else (vn if s < zero else zero * sc)
+        alt[j] = vn if mj > zero else vp
         nbv = (_bits(v) & ex) == ex
         bad[j] = np.uint8(1) if nb0 | nb1 | nb2 | nb3 | nbv else np.uint8(0)
         sgn[j] = np.int8(1) if tot > zero else (np.int8(-1) if tot < zero else np.int8(0))
@@ -1225,11 +1116,12 @@ def _ties4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any
 
 
 @nb.njit(**_OPTS)
-def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:
-    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""
+def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: Any, dthr: Any, dscale: Any, thr: Any, w: Any, scaling: Any, maj: Any, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:
+    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see
+    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat
+    indices in the tensor."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    m32 = np.uint64(0xFFFFFFFF)
     ex = np.uint32(0x7F800000)
     ds = np.float32(dscale)
     sc = np.float32(scaling)
@@ -1250,54 +1142,28 @@ def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
     w3 = np.float32(w[3])
     ka3 = np.uint64(keys[3, 0])
     kb3 = np.uint64(keys[3, 1])
-    namb = 0
-    for j in range(base.size):
-        if not flag[j]:
-            continue
+    for q in range(namb):
+        j = amb_idx[q]
         b = _f32(base[j])
         pos = np.uint64(start + j)
         t0 = _f32(e0[j]) - b
         nb0 = (_bits(t0) & ex) == ex
-        x = (pos * ka0 + kb0) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t0 = t0 * (ds if x >= dthr else zero)
+        t0 = t0 * (ds if _dare_keep(pos, ka0, kb0, dthr) else zero)
         t0 = t0 * (one if abs(t0) >= th0 else zero)
         t0 = t0 * w0
         t1 = _f32(e1[j]) - b
         nb1 = (_bits(t1) & ex) == ex
-        x = (pos * ka1 + kb1) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t1 = t1 * (ds if x >= dthr else zero)
+        t1 = t1 * (ds if _dare_keep(pos, ka1, kb1, dthr) else zero)
         t1 = t1 * (one if abs(t1) >= th1 else zero)
         t1 = t1 * w1
         t2 = _f32(e2[j]) - b
         nb2 = (_bits(t2) & ex) == ex
-        x = (pos * ka2 + kb2) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t2 = t2 * (ds if x >= dthr else zero)
+        t2 = t2 * (ds if _dare_keep(pos, ka2, kb2, dthr) else zero)
         t2 = t2 * (one if abs(t2) >= th2 else zero)
         t2 = t2 * w2
         t3 = _f32(e3[j]) - b
         nb3 = (_bits(t3) & ex) == ex
-        x = (pos * ka3 + kb3) & m32
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & m32
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & m32
-        x ^= x >> np.uint64(16)
-        t3 = t3 * (ds if x >= dthr else zero)
+        t3 = t3 * (ds if _dare_keep(pos, ka3, kb3, dthr) else zero)
         t3 = t3 * (one if abs(t3) >= th3 else zero)
         t3 = t3 * w3
         cp0 = t0 if t0 > zero else zero
@@ -1325,12 +1191,10 @@ def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, start: int, keys: An
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
         de = pd + (one - (one if pd > zero else zero))
-        amb_pos[namb] = ((pn / de) * one + zero) * sc
+        amb_pos[q] = ((pn / de) * one + zero) * sc
         de = nd + (one - (one if nd > zero else zero))
-        amb_neg[namb] = ((nn / de) * -one + zero) * sc
-        amb_idx[namb] = start + j
-        namb += 1
-    return namb
+        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        amb_idx[q] = start + j
 
 
 #: (experts, DARE) -> (fused TIES loop, undecided candidates)

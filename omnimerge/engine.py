@@ -248,7 +248,7 @@ class MergeRun:
                     job.cost, job.streaming = (T + 3) * FUSED_BLOCK * es + 4 * KERNEL_CHUNK, True  # a few blocks
                 elif self._blockwise(job) is not None:
                     # blocks, plus the magnitudes kept between sweeps (a few percent per expert)
-                    job.cost = (T + 8) * FUSED_BLOCK * es + (4 * T + 20) * KERNEL_CHUNK + T * meta.numel * es // 16
+                    job.cost = (T + 8) * FUSED_BLOCK * es + (4 * T + 24) * KERNEL_CHUNK + T * meta.numel * es // 16
                     job.streaming = True
             elif out_dtype != meta.dtype or self.base.raw_source(name) is None:
                 job.cost = 2 * meta.numel * max(element_size(out_dtype), element_size(meta.dtype))
@@ -423,7 +423,8 @@ class MergeRun:
             return
         job = next((j for j in jobs if j.streaming), None)
         if job is not None:
-            preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties)
+            preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties,
+                            drop=float(self.kwargs.get("drop_rate") or 0.0) > 0.0)
 
     def _blockwise(self, job: Job) -> Any:
         """The method's block-wise implementation if this job can use it, else None."""
@@ -490,6 +491,8 @@ class MergeRun:
             fix = bw.fixups(state)
             if fix is not None:
                 idx, dvals = fix
+                if self.check_finite and not _all_finite(dvals):
+                    return False
                 order = idx.argsort(kind="stable")
                 idx, dvals = idx[order], dvals[torch.from_numpy(order)]
                 ti = torch.from_numpy(idx)

@@ -36,10 +36,12 @@ _warm = threading.Event()
 _warm_thread: threading.Thread | None = None
 
 
-def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: bool = False) -> None:
+def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: bool = False,
+            drop: bool = False) -> None:
     """Load the compiled kernels for this dtype combination on a background thread (``import numba`` and loading
     the cached machine code take ~0.5 s): merging starts at once on the torch path and switches to the kernels,
-    chunk by chunk, as soon as :func:`ready` says so. Both give the same bits."""
+    chunk by chunk, as soon as :func:`ready` says so. Both give the same bits. ``ties``: the TIES loops (with
+    DARE masks if ``drop``) instead of the linear ones."""
     global _warm_thread
     if _warm_thread is not None:
         return
@@ -55,10 +57,18 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
                 from omnimerge.methods.base import TensorContext
                 from omnimerge.methods.ties import TiesBlockState
 
-                st = TiesBlockState(TensorContext(name="warm-up"), n, 0.5, (1.0,) * experts, 1.0, 0.5, 4,
-                                    [None] * experts, None, [None] * experts)
+                n = 64
+                base = torch.zeros(n, dtype=in_dtype)
+                # +1 and -1 entries: undecided (elected sign 0) entries, so that every loop of a merge loads here
+                pm = [torch.ones(n, dtype=in_dtype), -torch.ones(n, dtype=in_dtype)]
+                st = TiesBlockState(TensorContext(name="warm-up"), n, 1.0, (1.0,) * experts, 1.0,
+                                    0.5 if drop else 0.0, 4, [None] * experts, None, [None] * experts)
                 tb = TiesBlocks(st, out_dtype, n)
-                tb.merge(st, 0, base, [base] * experts)
+                es = (pm * experts)[:experts]
+                if experts % 2:
+                    es[-1] = base
+                tb.merge(st, 0, base, es)
+                _kernels()["compact_flags"](np.zeros(n, np.uint8), tb.amb_idx)  # type: ignore[index]
             else:
                 lin = LinearBlocks(out_dtype, n, 1.0, "mul")
                 lin(base, [base] * experts)
@@ -179,11 +189,14 @@ class TiesBlocks:
         self.chunk = chunk
         self.inside: np.ndarray | None = None
         self.flags: np.ndarray | None = None
+        self.alt: np.ndarray | None = None
         self.use_drop = st.drop_rate > 0.0
         self.keys = np.array([dare_key(st.ctx, i) for i in range(T)] if self.use_drop else [(0, 0, 0)] * T,
                              dtype=np.int64)
         self.dthr = round(st.drop_rate * 2.0**32)
         self.dscale = float(np.float32(1.0 / (1.0 - st.drop_rate))) if self.use_drop else 1.0
+        if self.dthr > 0xFFFFFFFF:  # p rounds to 1: every entry dropped. The kernels compare 32-bit hashes, so
+            self.dthr, self.dscale = 0, 0.0  # keep all and scale by 0: x * 0, the bits of a dropped entry
         self.w = np.array(st.weight, dtype=np.float32)
         self.out = torch.empty(chunk, dtype=out_dtype)
 
@@ -249,16 +262,26 @@ class TiesBlocks:
 
             if self.flags is None:
                 self.flags = np.empty((3, self.chunk), np.uint8)
+                self.alt = np.empty(self.chunk, np.float32)
             loop, cands = TIES[(len(raws), self.use_drop)]
             es = [_np(r) for r in raws]
             args = (_np(base), *(es + [es[0]] * (4 - len(es))), start, self.keys, np.uint64(self.dthr),
                     np.float32(self.dscale), thr, self.w, np.float32(st.scaling), np.float32(maj))
             bad, sgn, flag = self.flags[0, :n], self.flags[1, :n].view(np.int8), self.flags[2, :n]
-            loop(*args, _np(out), bad, sgn, flag)
+            loop(*args, _np(out), bad, sgn, flag, self.alt[:n])
             anybad, signsum, nflag = self.k["reduce_flags"](bad, sgn, flag)
-            namb = cands(*args, flag, self.amb_idx, self.amb_pos, self.amb_neg) if nflag and \
-                st.majority is None else 0
-            return self._merged(st, out, not anybad, signsum, namb)
+            if anybad or not nflag or st.majority is not None:
+                return self._merged(st, out, not anybad, signsum, 0)
+            namb = self.k["compact_flags"](flag, self.amb_idx)
+            if maj == 0.0:  # no guess: both candidates, recomputed at the undecided entries
+                cands(*args, namb, self.amb_idx, self.amb_pos, self.amb_neg)
+                return self._merged(st, out, True, signsum, namb)
+            # the undecided entries were merged with the guessed sign: keep their deltas for the other sign
+            # (the only ones a fix-up can need: see TiesBlockwise.fixups)
+            idx = self.amb_idx[:namb]
+            other = torch.from_numpy(self.alt[idx])
+            st.record(int(signsum), idx + start, None if maj > 0 else other, other if maj > 0 else None)
+            return out
         use_thr = np.array([t is not None for t in st.thresholds], dtype=np.bool_)
         finite, signsum, namb = self.k["ties_merge_chunk"](
             _np(base), tuple(_np(r) for r in raws), self.bf, self.tv, start, *self._drop(),

@@ -20,7 +20,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from omnimerge._kernels_nb import _OPTS, _bits, _f32, _put
+from omnimerge._kernels_nb import _OPTS, _bits, _dare_keep, _f32, _put
 
 '''
 
@@ -76,24 +76,13 @@ def main() -> None:
 # --- TIES / DARE-TIES: fused single-pass merge for 1-4 experts ---------------------------------------------------
 # No reductions inside the loop (LLVM does not vectorise it with them): the per-entry sign, non-finite and
 # undecided flags go to byte arrays that a separate loop reduces; the undecided entries' two candidates are
-# recomputed by a sparse pass over the flagged entries.
-
-MIX = [
-    "x ^= x >> np.uint64(16)",
-    "x = (x * np.uint64(0x7FEB352D)) & m32",
-    "x ^= x >> np.uint64(15)",
-    "x = (x * np.uint64(0x846CA68B)) & m32",
-    "x ^= x >> np.uint64(16)",
-]
-
+# recomputed at the flagged positions only (gathered by compact_flags).
 
 def _task(i: int, drop: bool, ind: str) -> list[str]:
     """t_i at entry j: W_i - W0 (non-finite flag), DARE (counter-based mask of ties.dare_), trim, weight."""
     out = [f"t{i} = _f32(e{i}[j]) - b", f"nb{i} = (_bits(t{i}) & ex) == ex"]
     if drop:
-        out.append(f"x = (pos * ka{i} + kb{i}) & m32")
-        out += MIX
-        out.append(f"t{i} = t{i} * (ds if x >= dthr else zero)")
+        out.append(f"t{i} = t{i} * (ds if _dare_keep(pos, ka{i}, kb{i}, dthr) else zero)")
     out += [f"t{i} = t{i} * (one if abs(t{i}) >= th{i} else zero)", f"t{i} = t{i} * w{i}"]
     return [ind + line for line in out]
 
@@ -111,8 +100,7 @@ def _sums(k: int, ind: str) -> list[str]:
 
 
 def _setup(k: int, drop: bool) -> list[str]:
-    out = ["    zero = np.float32(0.0)", "    one = np.float32(1.0)", "    m32 = np.uint64(0xFFFFFFFF)",
-           "    ex = np.uint32(0x7F800000)", "    ds = np.float32(dscale)", "    sc = np.float32(scaling)",
+    out = ["    zero = np.float32(0.0)", "    one = np.float32(1.0)", "    ex = np.uint32(0x7F800000)", "    ds = np.float32(dscale)", "    sc = np.float32(scaling)",
            "    mj = np.float32(maj)"]
     for i in range(k):
         out += [f"    th{i} = np.float32(thr[{i}])", f"    w{i} = np.float32(w[{i}])"]
@@ -138,8 +126,10 @@ def _total(k: int) -> str:
 def ties_loop(k: int, drop: bool) -> str:
     name = f"_ties{k}{'d' if drop else ''}"
     lines = ["@nb.njit(**_OPTS)",
-             f"def {name}({_sig(k)}, out: Any, bad: Any, sgn: Any, flag: Any) -> None:",
-             f'    """TIES over {k} expert(s){" after DARE" if drop else ""}: one pass, no reductions."""']
+             f"def {name}({_sig(k)}, out: Any, bad: Any, sgn: Any, flag: Any, alt: Any) -> None:",
+             f'    """TIES over {k} expert(s){" after DARE" if drop else ""}: one pass, no reductions. ``alt``: each',
+             '    entry\'s delta had its sign been the opposite of the guessed majority (what an undecided entry is',
+             '    amended to if the guess proves wrong; the positive one when there is no guess)."""']
     lines += _setup(k, drop)
     lines += ["    for j in range(base.size):", "        b = _f32(base[j])", "        pos = np.uint64(start + j)"]
     for i in range(k):
@@ -148,10 +138,13 @@ def ties_loop(k: int, drop: bool) -> str:
     lines += ["        s0 = one if tot > zero else (-one if tot < zero else zero)"]
     lines += _sums(k, "        ")
     lines += ["        s = s0 + (one - abs(s0)) * mj",  # sign 0 -> the majority (known, or guessed)
-              "        nu = pn if s > zero else nn", "        nu = nu if s != zero else zero",
-              "        de = pd if s > zero else nd", "        de = de if s != zero else zero",
-              "        de = de + (one - (one if de > zero else zero))",
-              "        v = ((nu / de) * s + zero) * sc",
+              # the disjoint means for sign +1 and -1 (a zero count divides by 1), then the one of sign s
+              "        dp = pd + (one - (one if pd > zero else zero))",
+              "        dn = nd + (one - (one if nd > zero else zero))",
+              "        vp = ((pn / dp) * one + zero) * sc",
+              "        vn = ((nn / dn) * -one + zero) * sc",
+              "        v = vp if s > zero else (vn if s < zero else zero * sc)",
+              "        alt[j] = vn if mj > zero else vp",
               "        nbv = (_bits(v) & ex) == ex",
               "        bad[j] = np.uint8(1) if " + " | ".join([f"nb{i}" for i in range(k)] + ["nbv"])
               + " else np.uint8(0)",
@@ -164,19 +157,21 @@ def ties_loop(k: int, drop: bool) -> str:
 def ties_candidates(k: int, drop: bool) -> str:
     name = f"_tiesc{k}{'d' if drop else ''}"
     lines = ["@nb.njit(**_OPTS)",
-             f"def {name}({_sig(k)}, flag: Any, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> int:",
-             '    """The flagged (undecided) entries: both candidate deltas, for elected sign +1 and -1."""']
+             f"def {name}({_sig(k)}, namb: int, amb_idx: Any, amb_pos: Any, amb_neg: Any) -> None:",
+             '    """The flagged (undecided) entries, whose chunk positions ``amb_idx[:namb]`` holds on entry (see',
+             '    compact_flags): both candidate deltas, for elected sign +1 and -1; ``amb_idx`` becomes their flat',
+             '    indices in the tensor."""']
     lines += _setup(k, drop)
-    lines += ["    namb = 0", "    for j in range(base.size):", "        if not flag[j]:", "            continue",
+    lines += ["    for q in range(namb):", "        j = amb_idx[q]",
               "        b = _f32(base[j])", "        pos = np.uint64(start + j)"]
     for i in range(k):
         lines += _task(i, drop, "        ")
     lines += _sums(k, "        ")
     lines += ["        de = pd + (one - (one if pd > zero else zero))",
-              "        amb_pos[namb] = ((pn / de) * one + zero) * sc",
+              "        amb_pos[q] = ((pn / de) * one + zero) * sc",
               "        de = nd + (one - (one if nd > zero else zero))",
-              "        amb_neg[namb] = ((nn / de) * -one + zero) * sc",
-              "        amb_idx[namb] = start + j", "        namb += 1", "    return namb", "", ""]
+              "        amb_neg[q] = ((nn / de) * -one + zero) * sc",
+              "        amb_idx[q] = start + j", "", ""]
     return "\n".join(lines)
 
 

@@ -469,7 +469,9 @@ class TiesBlockState:
 
     def record(self, signsum: int, idx: np.ndarray | None, pos: torch.Tensor | None,
                neg: torch.Tensor | None) -> None:
-        """After a block or chunk merged with ``guess``: its sign sum and undecided entries; update the guess."""
+        """After a block or chunk merged with ``guess``: its sign sum and undecided entries (``idx``) with their
+        deltas for elected sign +1 (``pos``) and -1 (``neg``); update the guess. The delta for the guessed sign
+        itself may be left out (None): it is what was written, never a fix-up."""
         self.signsum += signsum
         if idx is not None and len(idx):
             self.fix_idx.append(idx)
@@ -479,8 +481,8 @@ class TiesBlockState:
         self.guess = float((self.signsum > 0) - (self.signsum < 0)) if self.signsum else self.guess
     fix_idx: list[np.ndarray] = field(default_factory=list)
     fix_guess: list[float] = field(default_factory=list)  # the guess each group of fix_idx was merged with
-    fix_pos: list[torch.Tensor] = field(default_factory=list)
-    fix_neg: list[torch.Tensor] = field(default_factory=list)
+    fix_pos: list[torch.Tensor | None] = field(default_factory=list)
+    fix_neg: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class TiesBlockwise:
@@ -645,7 +647,9 @@ class TiesBlockwise:
         if maj == 0:  # they stay unmerged: delta = (0 / 1 * 0 + 0) * lambda
             return idx, torch.zeros(len(idx), dtype=torch.float32).mul_(st.scaling)
         vals = st.fix_pos if maj > 0 else st.fix_neg
-        return idx, torch.cat([vals[i] for i in wrong])
+        picked = [vals[i] for i in wrong]  # recorded for every guess but maj (record's None is the guess's own)
+        assert all(v is not None for v in picked)
+        return idx, torch.cat(picked)  # type: ignore[arg-type]
 
 
 _BLOCKWISE = TiesBlockwise()
