@@ -221,7 +221,7 @@ def _lin4ck(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd
     return bad == 0
 
 
-#: (experts in the group, start from acc, keep the sum in acc) -> loop
+#: sum of the task vectors: (experts in the group, start from acc, keep the sum in acc) -> loop
 LINEAR = {
     (1, False, False): _lin1sf,
     (1, False, True): _lin1sk,
@@ -239,6 +239,218 @@ LINEAR = {
     (4, False, True): _lin4sk,
     (4, True, False): _lin4cf,
     (4, True, True): _lin4ck,
+}
+
+@nb.njit(**_OPTS)
+def _avg1sf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg1sk(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg1cf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg1ck(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg2sf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg2sk(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg2cf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg2ck(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg3sf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg3sk(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg3cf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg3ck(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg4sf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = a + _f32(e3[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg4sk(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = a + _f32(e3[j])
+        acc[j] = a
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg4cf(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = a + _f32(e3[j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def _avg4ck(e0: Any, e1: Any, e2: Any, e3: Any, acc: Any, sm: Any, sd: Any, out: Any) -> bool:
+    bad = np.uint32(0)
+    for j in range(e0.size):
+        a = acc[j]
+        a = a + _f32(e0[j])
+        a = a + _f32(e1[j])
+        a = a + _f32(e2[j])
+        a = a + _f32(e3[j])
+        acc[j] = a
+    return bad == 0
+
+
+#: sum of the experts' weights: (experts in the group, start from acc, keep the sum in acc) -> loop
+AVERAGE = {
+    (1, False, False): _avg1sf,
+    (1, False, True): _avg1sk,
+    (1, True, False): _avg1cf,
+    (1, True, True): _avg1ck,
+    (2, False, False): _avg2sf,
+    (2, False, True): _avg2sk,
+    (2, True, False): _avg2cf,
+    (2, True, True): _avg2ck,
+    (3, False, False): _avg3sf,
+    (3, False, True): _avg3sk,
+    (3, True, False): _avg3cf,
+    (3, True, True): _avg3ck,
+    (4, False, False): _avg4sf,
+    (4, False, True): _avg4sk,
+    (4, True, False): _avg4cf,
+    (4, True, True): _avg4ck,
 }
 
 @nb.njit(**_OPTS)

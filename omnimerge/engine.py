@@ -53,7 +53,13 @@ from omnimerge.checkpoint.writer import (
     run_error,
 )
 from omnimerge.components import Selector, classify
-from omnimerge.errors import NonFiniteTensorError, OmniMergeError, OutputError, RecipeError
+from omnimerge.errors import (
+    NonFiniteTensorError,
+    OmniMergeError,
+    OutputError,
+    RecipeError,
+    TensorMismatchError,
+)
 from omnimerge.kernels import CHUNK as KERNEL_CHUNK
 from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
@@ -308,13 +314,50 @@ class MergeRun:
     def _fusable(self) -> bool:
         return bool(getattr(self.method.fn, "elementwise", False)) and self._streamable()
 
-    def _raw_inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[Checkpoint, str]]] | None:
-        """The flat memory-mapped base and expert tensors of a job as stored, and (checkpoint, name) of each
-        (to release their pages); None if an expert lacks the tensor (the whole-tensor path reports it)."""
+    def _from_weights(self) -> Callable[..., torch.Tensor] | None:
+        """The method's form over the experts' weights alone (see methods.base), if it has one and every expert
+        is a full checkpoint: merged tensors are then computed without reading the base."""
+        fw = getattr(self.method.fn, "from_weights", None)
+        return fw if fw is not None and all(isinstance(s, FullSource) for s in self.experts) else None
+
+    def _weights(self, job: Job) -> list[torch.Tensor]:
+        """The experts' weights of a job in the compute dtype (fresh tensors), each checked for NaN/Inf."""
+        out = []
+        for src in self.experts:
+            assert isinstance(src, FullSource)
+            name = src.ckpt.find(job.canonical)
+            if name is None:  # validated earlier; kept for safety
+                raise TensorMismatchError(f"expert '{src.ref}' has no tensor '{job.name}'")
+            w = src.ckpt.read(name).to(device=self.device, dtype=self.compute_dtype, copy=True)
+            if self.check_finite and not _all_finite(w):
+                raise NonFiniteTensorError(
+                    f"expert '{src.ref}' ({src.path}): tensor '{name}' holds NaN or Inf values")
+            out.append(w)
+        return out
+
+    def _merged_from_weights(self, job: Job, fw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """The merged tensor of a job by the method's ``from_weights`` form, whole, in the compute dtype."""
+        out = fw(self._weights(job), self._context(job, None, None), **self.kwargs)
+        if tuple(out.shape) != tuple(job.meta.shape):
+            raise OmniMergeError(
+                f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{job.name}' of shape "
+                f"{list(job.meta.shape)}"
+            )
+        if self.check_finite and not _all_finite(out):
+            raise NonFiniteTensorError(
+                f"tensor '{job.name}': the {self.method.name} of the experts' values overflows {self.recipe.dtype} "
+                f"(the inputs are finite)")
+        return out
+
+    def _raw_inputs(self, job: Job, with_base: bool = True) -> tuple[
+            torch.Tensor | None, list[torch.Tensor], list[tuple[Checkpoint, str]]] | None:
+        """The flat memory-mapped base (None unless ``with_base``) and expert tensors of a job as stored, and
+        (checkpoint, name) of each (to release their pages); None if an expert lacks the tensor (the whole-tensor
+        path reports it)."""
         assert self.base is not None
-        base_raw = self.base.read(job.name).reshape(-1)
+        base_raw = self.base.read(job.name).reshape(-1) if with_base else None
         raws = []
-        mapped = [(self.base, job.name)]
+        mapped = [(self.base, job.name)] if with_base else []
         for src in self.experts:
             assert isinstance(src, FullSource)
             name = src.ckpt.find(job.canonical)
@@ -374,27 +417,40 @@ class MergeRun:
         float32 copies. Every element goes through exactly the operations of the whole-tensor path, so the
         output is bit-identical. Returns False, having written nothing final, when a block holds a non-finite
         value: the whole-tensor path then runs and reports it exactly as before."""
-        inputs = self._raw_inputs(job)
+        fw = self._from_weights()
+        inputs = self._raw_inputs(job, with_base=fw is None)
         if inputs is None:
             return False
         base_raw, raws, mapped = inputs
         ctx = self._context(job, None, None)
-        n, cd = base_raw.numel(), self.compute_dtype
+        n, cd = raws[0].numel(), self.compute_dtype
         linear = getattr(self.method.fn, "linear", None)
         form = linear(self.kwargs) if linear is not None and self.use_kernels else None
         kernel = None
-        if form is not None and LinearBlocks.supports([base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
-            kernel = LinearBlocks(job.out_dtype, min(n, KERNEL_CHUNK), *form)
+        dtypes = [r.dtype for r in raws] + ([base_raw.dtype] if base_raw is not None else [])
+        if form is not None and LinearBlocks.supports(dtypes, job.out_dtype, cd):
+            kernel = LinearBlocks(job.out_dtype, min(n, KERNEL_CHUNK), *form, direct=fw is not None)
         obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
         with self._one_thread_per_worker():
             for s, e, fast in self._blocks(n, mapped, kernel is not None):
                 if fast:  # one compiled call per chunk: the same float32 operations, in cache-sized sub-blocks
                     assert kernel is not None
-                    merged = kernel(base_raw[s:e], [r[s:e] for r in raws])
+                    merged = kernel(None if base_raw is None else base_raw[s:e], [r[s:e] for r in raws])
                     if merged is None:
                         return False
                     writer.write_part(job.name, merged, s, e == n)
                     continue
+                if fw is not None:  # the experts' weights alone
+                    try:
+                        w = fw([r[s:e].to(dtype=cd, copy=True) for r in raws], ctx, **self.kwargs)
+                    except Exception:  # noqa: BLE001 - the whole-tensor path raises it, checks first
+                        return False
+                    if self.check_finite and not _all_finite(w):
+                        return False
+                    writer.write_part(job.name, w.to(job.out_dtype) if obuf is None else
+                                      obuf[: e - s].copy_(w), s, e == n)
+                    continue
+                assert base_raw is not None
                 b, tvs = self._torch_block(base_raw, raws, s, e)
                 ctx.offset = s
                 try:
@@ -516,7 +572,8 @@ class MergeRun:
         assert self.base is not None
         if not job.merged:
             return
-        self.base.prefetch(job.name)
+        if self._from_weights() is None:
+            self.base.prefetch(job.name)
         for src in self.experts:
             if isinstance(src, FullSource):
                 name = src.ckpt.find(job.canonical)
@@ -525,6 +582,10 @@ class MergeRun:
 
     def _merge_job(self, job: Job, writer: ShardedWriter, stats: Any) -> None:
         if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
+            return
+        fw = self._from_weights()
+        if fw is not None:
+            writer.write(job.name, self._merged_from_weights(job, fw).to(job.out_dtype))
             return
         bw = self._blockwise(job)
         if bw is not None and self._merge_job_blockwise(job, writer, stats, bw):
@@ -668,7 +729,9 @@ class MergeRun:
         return [p for p in (folder / "config.json",) if p.is_file()]
 
     def _input_bytes(self, jobs: list[Job]) -> int:
-        total = sum(j.meta.nbytes for j in jobs)
+        """Bytes read: the base's tensors (but merged ones computed from the experts' weights alone), the experts'."""
+        direct = self._from_weights() is not None and self.recipe.output == "full"
+        total = sum(j.meta.nbytes for j in jobs if not (direct and j.merged))
         for src in self.experts:
             total += sum(f.stat().st_size for f in src.input_files() if f.suffix != ".json")
         return total

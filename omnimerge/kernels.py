@@ -6,6 +6,8 @@ kernel call per 64K-element block (a few microseconds of dispatch each, and a pa
 kernels here do all of them in one compiled call per block. They perform the same IEEE float32 operations in the
 same order as the torch path (``weighted_sum`` with unit weights, then the method's scaling, then ``W0 + delta``
 rounded to the output dtype with round-to-nearest-even), so the output is bit-identical; tests compare the two.
+Weight averaging from full checkpoints sums the experts' weights themselves (no base, no subtraction), as the
+method's ``from_weights`` form does.
 
 Used when numba is installed and the inputs are all bfloat16 or all float32, the output bfloat16 or float32,
 and the weights are 1 (torch's ``add(alpha=w)`` may fuse a multiply-add, which a plain kernel would not
@@ -70,8 +72,8 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
                 tb.merge(st, 0, base, es)
                 _kernels()["compact_flags"](np.zeros(n, np.uint8), tb.amb_idx)  # type: ignore[index]
             else:
-                lin = LinearBlocks(out_dtype, n, 1.0, "mul")
-                lin(base, [base] * experts)
+                for direct in (False, True):  # task arithmetic / weight average from task vectors, and averaging
+                    LinearBlocks(out_dtype, n, 1.0, "mul", direct)(base, [base] * experts)
         except Exception:  # noqa: BLE001 - kernels that do not compile here are not used: the torch path runs
             global _compiled, _failed
             _compiled, _failed = None, True
@@ -126,14 +128,16 @@ SUB = 1 << 16
 
 
 class LinearBlocks:
-    """Merges chunks of one tensor: ``W0 + op(sum_i (W_i - W0))`` (op: scale by ``scale`` or divide by it),
-    rounded to the output dtype. ``supports`` says whether a dtype combination is handled."""
+    """Merges chunks of one tensor: ``W0 + op(sum_i (W_i - W0))`` (op: scale by ``scale`` or divide by it), or
+    with ``direct`` ``op(sum_i W_i)`` from the experts alone (no base), rounded to the output dtype. ``supports``
+    says whether a dtype combination is handled."""
 
-    def __init__(self, out_dtype: torch.dtype, chunk: int, scale: float, mode: str) -> None:
+    def __init__(self, out_dtype: torch.dtype, chunk: int, scale: float, mode: str, direct: bool = False) -> None:
         assert _kernels() is not None
-        from omnimerge._kernels_fused import LINEAR
+        from omnimerge._kernels_fused import AVERAGE, LINEAR
 
-        self.loops = LINEAR
+        self.loops = AVERAGE if direct else LINEAR
+        self.direct = direct
         # delta = (sum * sm) / sd: x * 1 and x / 1 are exact, so one loop serves all three modes
         s = np.float32(scale)
         one = np.float32(1.0)
@@ -149,19 +153,21 @@ class LinearBlocks:
             return False
         return _kernels() is not None
 
-    def __call__(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """The merged chunk in the output dtype (a view of a reused buffer), or None if the delta is not finite.
-        Experts go through fused loops in groups of up to 4 (one pass over the inputs per group)."""
-        n = base.numel()
+    def __call__(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The merged chunk in the output dtype (a view of a reused buffer), or None if the delta (``direct``: the
+        result) is not finite. Experts go through fused loops in groups of up to 4 (one pass over the inputs per
+        group). ``base`` is None with ``direct``."""
+        n = experts[0].numel()
         out = self.out[:n]
-        b, o, acc = _np(base), _np(out), self.acc[:n]
+        o, acc = _np(out), self.acc[:n]
+        lead = () if self.direct else (_np(base),)  # type: ignore[arg-type]
         es = [_np(e) for e in experts]
         ok = True
         for g in range(0, len(es), 4):
             group = es[g : g + 4]
             last = g + 4 >= len(es)
             loop = self.loops[(len(group), g > 0, not last)]
-            ok = loop(b, *(group + [group[0]] * (4 - len(group))), acc, self.sm, self.sd, o)
+            ok = loop(*lead, *(group + [group[0]] * (4 - len(group))), acc, self.sm, self.sd, o)
         return out if ok else None
 
 

@@ -209,7 +209,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = kernels.LinearBlocks.__call__
 
     def spy(self, base, experts):  # type: ignore[no-untyped-def]
-        calls.append(base.numel())
+        calls.append(experts[0].numel())
         return real(self, base, experts)
 
     monkeypatch.setattr(kernels.LinearBlocks, "__call__", spy)
@@ -320,3 +320,50 @@ def test_compiled_ties_more_than_four_experts(models: Path, tmp_path: Path, patc
         r["models"] = r["models"] + r["models"][::-1]  # 6 experts
         fast = _run(models, tmp_path, r, f"fast-{n}")
         _same(fast, _run(models, tmp_path, r, f"slow-{n}", use_kernels=False))
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
+def test_weight_average_reads_no_base_tensor(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             use_kernels: bool, weights: list[float] | None) -> None:
+    """From full checkpoints, weight averaging is computed from the experts' weights alone: the base's merged
+    tensors are never read, and the streamed result (compiled or torch blocks) is exactly the whole-tensor
+    sum_i w_i W_i / sum_i w_i in float32, rounded once."""
+    from omnimerge.checkpoint.reader import Checkpoint
+
+    reads: list[tuple[str, str]] = []
+    real = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name: reads.append((self.path.name, name)) or real(self, name))
+    r = _recipe(models, "weight_average", weights)
+    r["select"] = {"include": [r"mlp|embed"]}  # the layer norm stays the base's (copied, not read as a tensor)
+    got = _run(models, tmp_path, r, "wa", use_kernels=use_kernels, workers=2)
+    assert reads and not [n for d, n in reads if d == "base"], "the base was read for a merged tensor"
+    monkeypatch.setattr(Checkpoint, "read", real)
+    whole = _whole(models, tmp_path, r, monkeypatch)
+    _same(got, whole)
+    ws = weights or [1.0, 1.0, 1.0]
+    experts = [load_file(str(models / f"expert{i}" / "model.safetensors")) for i in range(3)]
+    for name in (BIG, WIDE):
+        acc = experts[0][name].float() * ws[0] if ws[0] != 1.0 else experts[0][name].float()
+        for e, w in zip(experts[1:], ws[1:], strict=True):
+            acc = acc.add(e[name].float(), alpha=w)
+        assert torch.equal(got[name].view(torch.int16), (acc / sum(ws)).to(torch.bfloat16).view(torch.int16))
+    base = load_file(str(models / "base" / "model.safetensors"))
+    assert torch.equal(got[SMALL], base[SMALL])
+
+
+@pytest.mark.parametrize("value, match", [(float("nan"), "expert2.*NaN or Inf"), (3.0e38, "overflows")])
+def test_weight_average_reports_bad_values(models: Path, tmp_path: Path, value: float, match: str) -> None:
+    """A NaN in an expert names the expert and tensor; finite values whose sum overflows float32 are reported as
+    an overflow; nothing is written either way."""
+    src = tmp_path / "fp32"
+    for d in models.iterdir():
+        t = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
+        if d.name != "base":
+            t[BIG][5, 7] = value if d.name == "expert2" or value > 1e38 else t[BIG][5, 7]
+        (src / d.name).mkdir(parents=True)
+        save_file(t, str(src / d.name / "model.safetensors"))
+        (src / d.name / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(omnimerge.errors.NonFiniteTensorError, match=match):
+        omnimerge.merge(_recipe(src, "weight_average"), tmp_path / "out", hash_inputs=False)
+    assert not (tmp_path / "out").exists()

@@ -25,36 +25,41 @@ from omnimerge._kernels_nb import _OPTS, _bits, _dare_keep, _f32, _put
 '''
 
 
-def _name(k: int, use_acc: bool, keep: bool) -> str:
-    return f"_lin{k}{'c' if use_acc else 's'}{'k' if keep else 'f'}"
+def _name(k: int, use_acc: bool, keep: bool, direct: bool = False) -> str:
+    return f"_{'avg' if direct else 'lin'}{k}{'c' if use_acc else 's'}{'k' if keep else 'f'}"
 
 
-def linear(k: int, use_acc: bool, keep: bool) -> str:
+def linear(k: int, use_acc: bool, keep: bool, direct: bool = False) -> str:
     """k experts; start from acc (use_acc) or from the first expert; keep the running sum in acc (more experts
-    follow) or finish: scale, check, add the base, store."""
+    follow) or finish: scale, check, add the base, store. ``direct``: sum the experts' weights themselves (no
+    base; weight averaging as the reference computes it) and store the scaled sum."""
     es = ", ".join(f"e{i}: Any" for i in range(4))
-    lines = [
-        "@nb.njit(**_OPTS)",
-        f"def {_name(k, use_acc, keep)}(base: Any, {es}, acc: Any, sm: Any, sd: Any, out: Any) -> bool:",
-        "    bad = np.uint32(0)",
-        "    for j in range(base.size):",
-        "        b = _f32(base[j])",
-    ]
+    lines = ["@nb.njit(**_OPTS)"]
+    if direct:
+        lines += [f"def {_name(k, use_acc, keep, True)}({es}, acc: Any, sm: Any, sd: Any, out: Any) -> bool:",
+                  "    bad = np.uint32(0)", "    for j in range(e0.size):"]
+    else:
+        lines += [f"def {_name(k, use_acc, keep)}(base: Any, {es}, acc: Any, sm: Any, sd: Any, out: Any) -> bool:",
+                  "    bad = np.uint32(0)", "    for j in range(base.size):", "        b = _f32(base[j])"]
+
+    def term(i: int) -> str:
+        return f"_f32(e{i}[j])" if direct else f"(_f32(e{i}[j]) - b)"
+
     first = 0
     if use_acc:
         lines.append("        a = acc[j]")
     else:
-        lines.append("        a = _f32(e0[j]) - b")
+        lines.append(f"        a = {term(0)}".replace("(_f32(e0[j]) - b)", "_f32(e0[j]) - b"))
         first = 1
     for i in range(first, k):
-        lines.append(f"        a = a + (_f32(e{i}[j]) - b)")
+        lines.append(f"        a = a + {term(i)}")
     if keep:
         lines.append("        acc[j] = a")
     else:
         lines += [
             "        a = (a * sm) / sd",
             "        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)",
-            "        _put(out, j, b + a)",
+            "        _put(out, j, a)" if direct else "        _put(out, j, b + a)",
         ]
     lines += ["    return bad == 0", "", ""]
     return "\n".join(lines)
@@ -63,10 +68,13 @@ def linear(k: int, use_acc: bool, keep: bool) -> str:
 def main() -> None:
     parts = [HEAD]
     keys = [(k, c, kp) for k in range(1, 5) for c in (False, True) for kp in (False, True)]
-    for k, c, kp in keys:
-        parts.append(linear(k, c, kp))
-    table = ",\n    ".join(f"({k}, {c}, {kp}): {_name(k, c, kp)}" for k, c, kp in keys)
-    parts.append(f"#: (experts in the group, start from acc, keep the sum in acc) -> loop\nLINEAR = {{\n    {table},\n}}\n")
+    for direct, table_name in ((False, "LINEAR"), (True, "AVERAGE")):
+        for k, c, kp in keys:
+            parts.append(linear(k, c, kp, direct))
+        table = ",\n    ".join(f"({k}, {c}, {kp}): {_name(k, c, kp, direct)}" for k, c, kp in keys)
+        what = "sum of the experts' weights" if direct else "sum of the task vectors"
+        parts.append(f"#: {what}: (experts in the group, start from acc, keep the sum in acc) -> loop\n"
+                     f"{table_name} = {{\n    {table},\n}}\n")
     main_ties(parts)
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")

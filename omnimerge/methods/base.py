@@ -10,6 +10,12 @@ if it has one): the engine writes ``W = W0 + delta``. Methods know nothing of fi
 of the output. The task vectors are the method's own (fresh tensors the engine does not use again): it may
 work in them in place; ``base`` is read-only.
 
+Optional attributes of the function let the engine run it faster with the same result: ``elementwise`` (it may be
+merged block by block), ``linear`` (a compiled fused kernel applies), ``blockwise`` (a streamed implementation,
+TIES) and ``from_weights``: the method as a function ``fn(weights, ctx, **params) -> W`` of the experts' weights
+alone, returning the merged weight; the engine uses it when every expert is a full checkpoint and then does not
+read the base for merged tensors (weight averaging).
+
 A method is declared with :func:`merge_method`, which records its hyper-parameters (:class:`Param`), its paper
 and its summary; adding a method takes one file and one line in :mod:`omnimerge.methods` (the import that runs
 the decorator).

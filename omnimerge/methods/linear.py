@@ -47,6 +47,26 @@ def weight_average(
     return acc.div_(total)
 
 
+def weight_average_of_weights(
+    weights: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float]
+) -> torch.Tensor:
+    """The same average computed from the experts' weights themselves: W = sum_i w_i W_i / sum_i w_i.
+
+    This is the reference's computation (MLLMerging ``baseline_merging.py:weight_average_merging``, the fp32 sum
+    of the fine-tuned weights divided by T): it needs no base and no task vectors, so the engine uses it
+    whenever every expert is a full checkpoint, reading T tensors instead of T + 1, and it matches the
+    reference's output bit for bit (W0 + mean tau_i differs from it by float32 rounding, ~1 ulp).
+    ``weights`` are fresh tensors in the compute dtype; returns the merged **weight**, not a delta.
+    """
+    total = float(sum(weight))
+    if total == 0.0:
+        raise ValueError("weight_average: the per-model weights sum to zero")
+    return weighted_sum(weights, weight, inplace=True).div_(total)
+
+
+# ``from_weights``: the method as a function of the experts' weights alone (W, not a delta), which the engine
+# prefers when every expert is a full checkpoint (then the base is not read for merged tensors)
+weight_average.from_weights = weight_average_of_weights  # type: ignore[attr-defined]
 # ``elementwise``: the engine may merge it block by block (each output element depends only on the same element
 # of the inputs, and a NaN/Inf in any task vector reaches the delta)
 weight_average.elementwise = True  # type: ignore[attr-defined]
