@@ -263,15 +263,15 @@ class TiesBlocks:
         out = self.out[:n]
         thr = np.array([t if t is not None else 0.0 for t in st.thresholds], dtype=np.float32)
         maj = st.majority if st.majority is not None else st.guess
-        if len(raws) <= 4 and start + n - 1 <= 0xFFFFFFFF:  # one vectorised pass per chunk (see _kernels_fused)
-            from omnimerge._kernels_fused import TIES
+        from omnimerge._kernels_fused import TIES, TIES_MAX
 
+        if len(raws) <= TIES_MAX and start + n - 1 <= 0xFFFFFFFF:  # one vectorised pass per chunk (_kernels_fused)
             if self.flags is None:
                 self.flags = np.empty((3, self.chunk), np.uint8)
                 self.alt = np.empty(self.chunk, np.float32)
             loop, cands = TIES[(len(raws), self.use_drop)]
             es = [_np(r) for r in raws]
-            args = (_np(base), *(es + [es[0]] * (4 - len(es))), start, self.keys, np.uint64(self.dthr),
+            args = (_np(base), *(es + [es[0]] * (TIES_MAX - len(es))), start, self.keys, np.uint64(self.dthr),
                     np.float32(self.dscale), thr, self.w, np.float32(st.scaling), np.float32(maj))
             bad, sgn, flag = self.flags[0, :n], self.flags[1, :n].view(np.int8), self.flags[2, :n]
             loop(*args, _np(out), bad, sgn, flag, self.alt[:n])

@@ -307,19 +307,27 @@ def test_compiled_linear_kernel_groups_of_four(models: Path, tmp_path: Path, ker
     _same(fast, _run(models, tmp_path, r, "slow", use_kernels=False))
 
 
-def test_compiled_ties_more_than_four_experts(models: Path, tmp_path: Path, patches: list[int]) -> None:
-    """6 experts through the compiled TIES path: same bits as torch."""
+@pytest.mark.parametrize("experts", [6, 9])
+def test_compiled_ties_many_experts(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    experts: int) -> None:
+    """6 experts (a fused loop) and 9 (more than the fused loops take: the row kernels) through the compiled TIES
+    path: same bits as torch."""
     from omnimerge import kernels
+    from omnimerge._kernels_fused import TIES_MAX
 
     kernels.preload(torch.bfloat16, torch.bfloat16, 3, ties=True)
     kernels.wait()
+    rows: list[int] = []
+    real = kernels._kernels()["ties_merge_chunk"]  # type: ignore[index]
+    monkeypatch.setitem(kernels._kernels(), "ties_merge_chunk", lambda *a: rows.append(1) or real(*a))  # type: ignore[arg-type]
     for n, (method, params) in enumerate((("ties", {"scaling": 1.0, "density": 0.3}),
                            ("dare_ties", {"scaling": 0.9, "drop_rate": 0.4, "density": 0.5, "seed": 2}),
                            ("dare_ties", {"scaling": 1.0, "drop_rate": 1.0 - 2.0**-40, "density": 1.0, "seed": 2}))):
         r = _recipe(models, method, **params)
-        r["models"] = r["models"] + r["models"][::-1]  # 6 experts
+        r["models"] = (r["models"] * 3)[:experts]
         fast = _run(models, tmp_path, r, f"fast-{n}")
         _same(fast, _run(models, tmp_path, r, f"slow-{n}", use_kernels=False))
+    assert bool(rows) == (experts > TIES_MAX)
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
