@@ -44,14 +44,7 @@ from omnimerge.checkpoint.reader import (
     resolve_model_path,
 )
 from omnimerge.checkpoint.sources import ExpertSource, FullSource, open_expert
-from omnimerge.checkpoint.writer import (
-    ShardedWriter,
-    commit_dir,
-    discard_dir,
-    make_temp_dir,
-    parse_size,
-    run_error,
-)
+from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, parse_size
 from omnimerge.components import Selector, classify
 from omnimerge.errors import (
     NonFiniteTensorError,
@@ -645,84 +638,79 @@ class MergeRun:
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> MergeReport:
         t0 = time.perf_counter()
-        tmp: Path | None = None
         hasher: FileHasher | None = None
         writer: ShardedWriter | None = None
-        try:
-            self._open()
-            assert self.base is not None
-            jobs = self._plan()
-            self._preload_kernels(jobs)
-            selected = [j.name for j in jobs if j.merged]
-            for src in self.experts:
-                for note in src.validate(self.base, selected):
-                    self.notes(note)
-            inputs = [("base", self.recipe.base_model, self.base.files + self._configs(self.base.path))]
-            inputs += [(f"expert {s.label}", s.ref, s.input_files()) for s in self.experts]
-            if self.hash_algorithm:
-                hasher = FileHasher([f for _, _, fs in inputs for f in fs], algorithm=self.hash_algorithm).start()
-            stats = self._global_stats(jobs)
-            tmp = make_temp_dir(self.output)
-            if self.recipe.output == "lora":
-                from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output sink
+        with AtomicOutput(self.output, self.overwrite) as output:
+            try:
+                self._open()
+                assert self.base is not None
+                jobs = self._plan()
+                self._preload_kernels(jobs)
+                selected = [j.name for j in jobs if j.merged]
+                for src in self.experts:
+                    for note in src.validate(self.base, selected):
+                        self.notes(note)
+                inputs = [("base", self.recipe.base_model, self.base.files + self._configs(self.base.path))]
+                inputs += [(f"expert {s.label}", s.ref, s.input_files()) for s in self.experts]
+                if self.hash_algorithm:
+                    hasher = FileHasher([f for _, _, fs in inputs for f in fs], algorithm=self.hash_algorithm).start()
+                stats = self._global_stats(jobs)
+                tmp = output.folder()
+                if self.recipe.output == "lora":
+                    from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output sink
 
-                report_extra = write_lora_output(self, jobs, tmp, stats)
-                shard_files: list[Path] = []
-            else:
-                writer = ShardedWriter(
-                    tmp,
-                    [(j.name, j.out_dtype, j.meta.shape) for j in jobs],
-                    self.shard_bytes,
-                    metadata={"omnimerge_method": self.method.name},
-                    sync=self.sync,
+                    report_extra = write_lora_output(self, jobs, tmp, stats)
+                    shard_files: list[Path] = []
+                else:
+                    writer = ShardedWriter(
+                        tmp,
+                        [(j.name, j.out_dtype, j.meta.shape) for j in jobs],
+                        self.shard_bytes,
+                        metadata={"omnimerge_method": self.method.name},
+                        sync=self.sync,
+                    )
+                    self._stream(jobs, writer, stats)
+                    shard_files = writer.finalize()
+                    writer = None
+                    report_extra = {}
+                out_dtype_name = self.recipe.out_dtype if self.recipe.output == "full" else None
+                copy_auxiliary(self.base.path, tmp, out_dtype_name)
+                if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
+                    copy_auxiliary(self.files_src, tmp, out_dtype_name)
+                if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
+                    (tmp / "config.json").unlink(missing_ok=True)
+                seconds = time.perf_counter() - t0
+                report = MergeReport(
+                    output=self.output,
+                    method=self.method.name,
+                    parameters={k: v for k, v in self.kwargs.items()},
+                    seconds=seconds,
+                    merged=sum(j.merged for j in jobs),
+                    copied=sum(not j.merged for j in jobs),
+                    input_bytes=self._input_bytes(jobs),
+                    output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
+                    shards=[p.name for p in shard_files],
+                    notes=list(self.notes.seen),
+                    components=_component_counts(jobs),
                 )
-                self._stream(jobs, writer, stats)
-                shard_files = writer.finalize()
-                writer = None
-                report_extra = {}
-            out_dtype_name = self.recipe.out_dtype if self.recipe.output == "full" else None
-            copy_auxiliary(self.base.path, tmp, out_dtype_name)
-            if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
-                copy_auxiliary(self.files_src, tmp, out_dtype_name)
-            if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
-                (tmp / "config.json").unlink(missing_ok=True)
-            seconds = time.perf_counter() - t0
-            report = MergeReport(
-                output=self.output,
-                method=self.method.name,
-                parameters={k: v for k, v in self.kwargs.items()},
-                seconds=seconds,
-                merged=sum(j.merged for j in jobs),
-                copied=sum(not j.merged for j in jobs),
-                input_bytes=self._input_bytes(jobs),
-                output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
-                shards=[p.name for p in shard_files],
-                notes=list(self.notes.seen),
-                components=_component_counts(jobs),
-            )
-            for k, v in report_extra.items():
-                setattr(report, k, v)
-            digests = hasher.join() if hasher else {}
-            card_inputs = [
-                (role, ref, [(Path(f).name, digests.get(str(f), "not hashed")) for f in files])
-                for role, ref, files in inputs
-            ]
-            write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__,
-                             library="peft" if self.recipe.output == "lora" else "transformers")
-            commit_dir(tmp, self.output, self.overwrite)
-            tmp = None
-            report.seconds = time.perf_counter() - t0
-            return report
-        except OSError as e:
-            raise run_error(e, self.output) from None
-        finally:
-            if writer is not None:
-                writer.close()
-            if hasher is not None:
-                hasher.cancel()
-            if tmp is not None:
-                discard_dir(tmp)
-            self.close()
+                for k, v in report_extra.items():
+                    setattr(report, k, v)
+                digests = hasher.join() if hasher else {}
+                card_inputs = [
+                    (role, ref, [(Path(f).name, digests.get(str(f), "not hashed")) for f in files])
+                    for role, ref, files in inputs
+                ]
+                write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__,
+                                 library="peft" if self.recipe.output == "lora" else "transformers")
+                output.commit()
+                report.seconds = time.perf_counter() - t0
+                return report
+            finally:
+                if writer is not None:
+                    writer.close()
+                if hasher is not None:
+                    hasher.cancel()
+                self.close()
 
     @staticmethod
     def _configs(folder: Path) -> list[Path]:

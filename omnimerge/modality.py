@@ -80,7 +80,7 @@ from omnimerge.checkpoint.reader import (
     read_json,
     resolve_model_path,
 )
-from omnimerge.checkpoint.writer import ShardedWriter, commit_dir, discard_dir, make_temp_dir, run_error
+from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter
 from omnimerge.components import classify
 from omnimerge.engine import DTYPES, Job, MergeReport, MergeRun
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
@@ -433,52 +433,48 @@ class _ModalityMerge:
     def run(self) -> ModalityReport:
         run = self.run_
         t0 = time.perf_counter()
-        tmp: Path | None = None
         base: Checkpoint | None = None
-        try:
-            base = self._open_base()
-            run.base = base
-            self._open_experts()
-            jobs = self._plan()
-            self._validate(base, jobs)
-            self._open_experts_sources(base)
-            if self.recipe.copy_files_from:
-                run.notes("copy_files_from is ignored in mode: modality (each output keeps its expert's files)")
-            self._group({j.canonical for j in jobs})
-            self._start_hashing(base)
-            stats = run._global_stats(jobs)
-            tmp = make_temp_dir(self.output)
-            for o in self.outputs:
-                self._plan_output(o, jobs, merged=True)
-                (tmp / o.label).mkdir()
-                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
-                                         metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
-            carried = {o.label: self._carry(o) for o in self.outputs}
-            run._stream(jobs, _Fanout(self.outputs), stats)  # type: ignore[arg-type]
-            shards: dict[str, list[str]] = {}
-            for o in self.outputs:
-                assert o.writer is not None
-                shards[o.label] = [p.name for p in o.writer.finalize()]
-                o.writer = None
-            report = self._finish(tmp, jobs, carried, shards, t0)
-            commit_dir(tmp, self.output, run.overwrite)
-            tmp = None
-            report.seconds = time.perf_counter() - t0
-            return report
-        except OSError as e:
-            raise run_error(e, self.output) from None
-        finally:
-            self._cleanup(tmp)
+        with AtomicOutput(self.output, run.overwrite) as output:
+            try:
+                base = self._open_base()
+                run.base = base
+                self._open_experts()
+                jobs = self._plan()
+                self._validate(base, jobs)
+                self._open_experts_sources(base)
+                if self.recipe.copy_files_from:
+                    run.notes("copy_files_from is ignored in mode: modality (each output keeps its expert's files)")
+                self._group({j.canonical for j in jobs})
+                self._start_hashing(base)
+                stats = run._global_stats(jobs)
+                tmp = output.folder()
+                for o in self.outputs:
+                    self._plan_output(o, jobs, merged=True)
+                    (tmp / o.label).mkdir()
+                    o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
+                                             metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
+                carried = {o.label: self._carry(o) for o in self.outputs}
+                run._stream(jobs, _Fanout(self.outputs), stats)  # type: ignore[arg-type]
+                shards: dict[str, list[str]] = {}
+                for o in self.outputs:
+                    assert o.writer is not None
+                    shards[o.label] = [p.name for p in o.writer.finalize()]
+                    o.writer = None
+                report = self._finish(tmp, jobs, carried, shards, t0)
+                output.commit()
+                report.seconds = time.perf_counter() - t0
+                return report
+            finally:
+                self._cleanup()
 
-    def _cleanup(self, tmp: Path | None) -> None:
-        """Close the writers, stop hashing, remove the temporary folder (if the run failed), close inputs."""
+    def _cleanup(self) -> None:
+        """Close the writers, stop hashing, close inputs (the temporary folder of a failed run goes with the
+        AtomicOutput block)."""
         for o in self.outputs:
             if o.writer is not None:
                 o.writer.close()
         if self.hasher is not None:
             self.hasher.cancel()
-        if tmp is not None:
-            discard_dir(tmp)
         self._close()
 
     def _open_experts_sources(self, base: Checkpoint) -> None:
@@ -578,61 +574,58 @@ class _OnlineComposition(_ModalityMerge):
     def run(self) -> ModalityReport:
         run = self.run_
         t0 = time.perf_counter()
-        tmp: Path | None = None
-        try:
-            base = self._open_base()
-            run.base = base
-            self._open_experts()
-            for ex in self.experts:
-                if ex.adapter is None:
-                    raise RecipeError(
-                        f"merge_method: online_composition keeps every expert's LoRA adapter apart, but expert "
-                        f"'{ex.label}' ({ex.ref}) is a full checkpoint, not a PEFT adapter — use a dense method "
-                        f"(e.g. task_arithmetic with scaling 1.0 computes the same sum of deltas)"
-                    )
-            jobs = self._plan()
-            self._validate(base, jobs)
-            selected = {j.canonical for j in jobs}
-            self._group(selected)
-            self._start_hashing(base)
-            tmp = make_temp_dir(self.output)
-            weights = run.kwargs.get("weight") or (1.0,) * len(self.experts)
-            adapters: dict[str, dict[str, Any]] = {}
-            for ex, w in zip(self.experts, weights, strict=True):
-                adapters[ex.label] = self._write_adapter(ex, float(w), selected, tmp / "adapters" / _safe(ex.label))
-            shards: dict[str, list[str]] = {}
-            carried: dict[str, int] = {}
-            for o in self.outputs:
-                self._plan_output(o, jobs, merged=False)
-                # the LoRA of the selected (shared LLM) modules stays in the adapters, not in the model
-                o.adapted = {n for n in o.adapted if o.expert.model.canonical_of(n) not in selected}
-                (tmp / o.label).mkdir()
-                o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
-                                         metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
-                carried[o.label] = self._carry(o)
-                shards[o.label] = [p.name for p in o.writer.finalize()]
-                o.writer = None
-            report = self._finish(tmp, [], carried, shards, t0)
-            report.merged = 0
-            manifest = report.manifest
-            manifest["adapters"] = adapters
-            manifest["activate"] = list(adapters)
-            manifest["shared"].update(tensors=len(selected), names=sorted(selected))
-            manifest["usage"] = (
-                "Load the modality model OUT/<label>, then every adapter under OUT/adapters/ (peft "
-                "PeftModel.from_pretrained / load_adapter, one adapter name each) and activate all of them at once "
-                "(model.base_model.set_adapter([...])): the LoRA outputs add up, i.e. W = W0 + sum_i w_i B_i A_i "
-                "scale_i. omnimerge.modality.load_online(OUT, label) does this."
-            )
-            _write_json(tmp / MANIFEST, manifest)
-            commit_dir(tmp, self.output, run.overwrite)
-            tmp = None
-            report.seconds = time.perf_counter() - t0
-            return report
-        except OSError as e:
-            raise run_error(e, self.output) from None
-        finally:
-            self._cleanup(tmp)
+        with AtomicOutput(self.output, run.overwrite) as output:
+            try:
+                base = self._open_base()
+                run.base = base
+                self._open_experts()
+                for ex in self.experts:
+                    if ex.adapter is None:
+                        raise RecipeError(
+                            f"merge_method: online_composition keeps every expert's LoRA adapter apart, but expert "
+                            f"'{ex.label}' ({ex.ref}) is a full checkpoint, not a PEFT adapter — use a dense method "
+                            f"(e.g. task_arithmetic with scaling 1.0 computes the same sum of deltas)"
+                        )
+                jobs = self._plan()
+                self._validate(base, jobs)
+                selected = {j.canonical for j in jobs}
+                self._group(selected)
+                self._start_hashing(base)
+                tmp = output.folder()
+                weights = run.kwargs.get("weight") or (1.0,) * len(self.experts)
+                adapters: dict[str, dict[str, Any]] = {}
+                for ex, w in zip(self.experts, weights, strict=True):
+                    adapters[ex.label] = self._write_adapter(ex, float(w), selected, tmp / "adapters" / _safe(ex.label))
+                shards: dict[str, list[str]] = {}
+                carried: dict[str, int] = {}
+                for o in self.outputs:
+                    self._plan_output(o, jobs, merged=False)
+                    # the LoRA of the selected (shared LLM) modules stays in the adapters, not in the model
+                    o.adapted = {n for n in o.adapted if o.expert.model.canonical_of(n) not in selected}
+                    (tmp / o.label).mkdir()
+                    o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
+                                             metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
+                    carried[o.label] = self._carry(o)
+                    shards[o.label] = [p.name for p in o.writer.finalize()]
+                    o.writer = None
+                report = self._finish(tmp, [], carried, shards, t0)
+                report.merged = 0
+                manifest = report.manifest
+                manifest["adapters"] = adapters
+                manifest["activate"] = list(adapters)
+                manifest["shared"].update(tensors=len(selected), names=sorted(selected))
+                manifest["usage"] = (
+                    "Load the modality model OUT/<label>, then every adapter under OUT/adapters/ (peft "
+                    "PeftModel.from_pretrained / load_adapter, one adapter name each) and activate all of them at once "
+                    "(model.base_model.set_adapter([...])): the LoRA outputs add up, i.e. W = W0 + sum_i w_i B_i A_i "
+                    "scale_i. omnimerge.modality.load_online(OUT, label) does this."
+                )
+                _write_json(tmp / MANIFEST, manifest)
+                output.commit()
+                report.seconds = time.perf_counter() - t0
+                return report
+            finally:
+                self._cleanup()
 
     def _write_adapter(self, ex: _Expert, weight: float, selected: set[str], folder: Path) -> dict[str, Any]:
         """The expert's LoRA on the shared LLM alone (``lora_B`` scaled by its weight), as a PEFT adapter."""

@@ -186,3 +186,36 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and "missing.yaml" in res.stderr
+
+
+def test_atomic_output_all_or_nothing(tmp_path: Path) -> None:
+    """The output folder of every run (engine, both modality runs): committed whole, or nothing left behind."""
+    from omnimerge.checkpoint.writer import AtomicOutput
+    from omnimerge.errors import OutputError
+
+    target = tmp_path / "out"
+
+    def leftovers() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+
+    # an OSError becomes the one-line user error naming the output
+    with pytest.raises(OutputError, match=r"out.*No space left"), AtomicOutput(target, overwrite=False) as out:
+        (out.folder() / "model.safetensors").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert not target.exists() and leftovers() == []
+    with pytest.raises(KeyboardInterrupt), AtomicOutput(target, overwrite=False) as out:
+        (out.folder() / "a").write_text("1")
+        raise KeyboardInterrupt
+    assert not target.exists() and leftovers() == []
+    with AtomicOutput(target, overwrite=False) as out:
+        (out.folder() / "a").write_text("1")
+        out.commit()
+    assert (target / "a").read_text() == "1" and leftovers() == []
+    with pytest.raises(OutputError, match="already exists"), AtomicOutput(target, overwrite=False) as out:
+        (out.folder() / "a").write_text("2")
+        out.commit()
+    assert (target / "a").read_text() == "1" and leftovers() == []
+    with AtomicOutput(target, overwrite=True) as out:
+        (out.folder() / "b").write_text("2")
+        out.commit()
+    assert sorted(p.name for p in target.iterdir()) == ["b"] and leftovers() == []

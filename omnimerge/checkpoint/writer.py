@@ -425,3 +425,41 @@ def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
 
 def discard_dir(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+class AtomicOutput:
+    """The output folder of a run, all or nothing::
+
+        with AtomicOutput(target, overwrite) as out:
+            tmp = out.folder()      # a temporary folder beside target, made on first use
+            ...                     # write everything under tmp
+            out.commit()            # rename it to target (replacing an old one only with overwrite)
+
+    Leaving the block without :meth:`commit` (an error, Ctrl-C) removes the temporary folder: a failed run leaves
+    nothing behind. An OSError raised inside becomes the one-line :class:`OutputError` of :func:`run_error`.
+    Close what writes into the folder (inside the block, e.g. in a ``finally``) before it is removed.
+    """
+
+    def __init__(self, target: Path, overwrite: bool) -> None:
+        self.target = target
+        self.overwrite = overwrite
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def folder(self) -> Path:
+        if self._tmp is None:
+            self._tmp = make_temp_dir(self.target)
+        return self._tmp
+
+    def commit(self) -> None:
+        commit_dir(self.folder(), self.target, self.overwrite)
+        self._tmp = None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._tmp is not None:
+            discard_dir(self._tmp)
+            self._tmp = None
+        if isinstance(exc, OSError):
+            raise run_error(exc, self.target) from None
