@@ -94,9 +94,9 @@ python benchmarks/bench_merge.py                       # 3 experts of a ~1.5 GB 
 `--with-mergekit` installs mergekit 0.1.5 into its own virtual environment (`DATA_DIR/mergekit-venv`,
 torch 2.13.0 CPU first) unless `--mergekit-venv` points at one. mergekit's TIES and DARE-TIES take minutes
 per case, so they run once; `--mergekit-from results.json` reuses their timings (and their outputs, kept
-under `DATA_DIR/runs`) from an earlier run. This page was produced with mergekit's 0.5B TIES and DARE-TIES
-timings from such an earlier run on the same quiet machine the same night (load ~1.3–1.4,
-`--mergekit-from`); everything else, mergekit's other runs included, is from this run.{(" " + res["note"] + ".") if res.get("note") else ""}
+under `DATA_DIR/runs`) from an earlier run. This page was produced with mergekit's TIES and DARE-TIES timings
+from the previous round's run on the same machine, quiet then too (`--mergekit-from`; mergekit has not changed);
+everything else, mergekit's linear and task arithmetic runs included, is from this run.{(" " + res["note"] + ".") if res.get("note") else ""}
 
 ## Set-up
 
@@ -113,15 +113,16 @@ timings from such an earlier run on the same quiet machine the same night (load 
 - **Equal work**: omnimerge's recipe has `select: {{include: ['.*']}}` (every tensor merged, like mergekit),
   `dtype: float32` (its default compute dtype), bf16 output, 1 GB output shards; mergekit gets `dtype: bfloat16`
   (its behaviour for bf16 inputs), `--out-shard-size 1B --no-copy-tokenizer --random-seed 0`.
-  Parameters: linear = weight average, weights 1 (mergekit `linear`, omnimerge `weight_average`);
+  Parameters: linear = weight average, weights 1 (mergekit `linear`, omnimerge `weight_average`; neither reads
+  the base: both sum the experts' weights, as the OptMerge reference does);
   task arithmetic λ = 0.3 (`lambda` / `scaling`), weights 1; TIES density 0.2, λ = 1, weights 1 (mergekit
   `normalize: true`; omnimerge's disjoint mean is the same normalisation); DARE-TIES drop rate 0.5
   (mergekit `density: 0.5`, omnimerge `drop_rate: 0.5, density: 1.0`), λ = 1.
 - **Times**: *wall* is measured by the parent around the child process, **process start and imports
   included** (about 2 s for torch alone); *merge s* is omnimerge's own `MergeReport.seconds` (open, plan,
   merge, write, fsync, model card). Best of {res['repeats']} runs for linear and task arithmetic; TIES and
-  DARE-TIES once. **Input GB/s** = bytes of the base and expert shards ÷ wall (mergekit's `linear` does not
-  read the base, so its true rate is T/(T+1) of the figure shown).
+  DARE-TIES once or twice. **Input GB/s** = bytes of the base and expert shards ÷ wall (for linear neither
+  tool reads the base, so the bytes actually read are T/(T+1) of the figure shown).
 - **Peak RSS**: the child's `ru_maxrss` from `wait4` (anonymous memory **plus** resident memory-mapped input
   pages), with the peak anonymous RSS (sampled every 50 ms) in parentheses.
 - **Agreement**: tensor by tensor over the bf16 outputs: the fraction of elements bit-equal, within 1 bf16 ulp,
@@ -145,7 +146,9 @@ timings from such an earlier run on the same quiet machine the same night (load 
   sha256, `--hash none` for none), hashed on a background thread through memory-mapped windows at ~16 GB/s:
   ~0.06 CPU-s per GB. Every timed run hashes its inputs (an empty digest cache each time).
 - **Startup**: wall times include the interpreter and imports (torch: ~1.2 s; numba and the cached kernels:
-  ~0.5 s more, loaded on a background thread while the first chunks merge on the torch path).
+  ~0.45 s more, loaded on a background thread while the first chunks merge on the torch path; numba's first
+  call imports scipy when it is installed, +0.2 s: omnimerge does not depend on scipy and the environment
+  measured here, like a fresh `pip install`, has none).
 
 ## omnimerge vs mergekit vs the read limit
 
@@ -180,12 +183,14 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
   weight average run one single-pass loop per 1M-element chunk that reads every input once and writes the output
   once (generated for 1–4 experts per pass by `tools/gen_kernels.py`; more experts carry the running sum between
   passes): ~0.5 ns per element for three bf16 experts on one core, against ~3 ns for the same operations as
-  torch kernel calls on 64K blocks. TIES and DARE-TIES merge in one vectorised pass per entry for up to 4
+  torch kernel calls on 64K blocks. TIES and DARE-TIES merge in one vectorised pass per entry for up to 8
   experts (per-entry sign, finiteness and undecided flags go to byte arrays that a second loop reduces: with the
   reductions inside, LLVM did not vectorise the pass and it cost 4–11 ns per entry; now ~2.4 ns for TIES and
-  ~5 ns for DARE-TIES on one core); more experts, and the counting sweep, use compiled row-wise kernels on
-  cache-sized sub-blocks. Undecided entries are merged with the majority sign guessed from the sample and then
-  from the running sign sum; only those merged with a wrong guess are patched afterwards. The kernels perform the same IEEE float32 operations in the same order
+  ~3.3 ns for DARE-TIES on one core, three experts); more experts, and the counting sweep, use compiled row-wise
+  kernels on cache-sized sub-blocks. Undecided entries (elected sign 0: 3% of the entries of these inputs under
+  DARE) are merged with the majority sign guessed from the sample and then from the running sign sum; the fused
+  loop also stores each entry's delta for the other sign, so that those merged with a wrong guess can be patched
+  afterwards without recomputing them. The kernels perform the same IEEE float32 operations in the same order
   as the torch path, so the outputs are **bit-identical** (tests compare both paths on every method, dtype and
   expert count, including the ambiguous-sign fix-ups). They load in the background; until then chunks take the
   torch path (same bits).
@@ -197,6 +202,11 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
   ~6 GB (0.5B) / ~10 GB (1.5B) to the numbers above.
 - **Counter-based DARE masks**: entry j of expert i is kept iff a 32-bit hash of (j, key(seed, tensor, i)) ≥ p·2³²
   (cheaper than torch's CPU generator, and the same for any block size, worker count, merge order or device).
+  The compiled loops compute the hash in 32-bit arithmetic (an LLVM intrinsic: numba's integers are 64-bit, and
+  64-bit multiplies do not vectorise on AVX2): the same masks at 0.4 instead of 0.9 ns per hash.
+- **Weight average without the base**: from full checkpoints, weight averaging sums the experts' weights and
+  divides (the method's `from_weights` form; the reference's own computation, which the golden cases now match
+  bit for bit) instead of W0 + mean(W_i − W0): T inputs read instead of T + 1.
 - **Parallel workers that really run in parallel**: streamed jobs are budgeted by their block memory; the budget
   had been the largest whole-tensor cost, which let a large streamed tensor run only alone. Kernel calls release
   the GIL and do ~1 ms of work each.
@@ -204,11 +214,10 @@ T = 3 in the default column; the --no-sync column shows the merge's own scaling.
   64 MB, so the final fsync waits only for the tail (1.2 s → ~0.2 s for 1 GB). `--no-sync` skips it.
 - **Model card digests**: XXH3-128 through mmap windows (sha256 had cost ~1.8 CPU-s per GB here).
 - **Interpreter**: cyclic GC paused during the stream and the torch import and frozen after it (~0.35 s).
-- **What bounds it now**: process start (~1.3 s, torch) plus kernel loading (~0.5 s, partly overlapped), the
-  disk for durable output, memory bandwidth for the cheap merges (2 cores share it with the digest thread), and
-  for DARE-TIES the three 32-bit mask hashes per entry (~2.6 ns of its ~5 ns per entry on one core, against
-  ~2.4 ns for TIES without DARE). mergekit's
-  TIES fully sorts every task vector (`argsort`) and works in bf16.
+- **What bounds it now**: process start (~1.3 s, torch) plus kernel loading (~0.45 s, barely overlapped: numba's
+  initialisation holds the GIL), the disk for durable output (the default runs' fsync), and writing the output
+  into the page cache (~0.7–1.3 CPU-s per GB on this VM, under memory pressure from the cached inputs) for the
+  cheap merges; mergekit's TIES fully sorts every task vector (`argsort`) and works in bf16.
 
 ## `benchmarks/bench_merge.py` (three experts of a ~1.5 GB checkpoint)
 
@@ -229,19 +238,27 @@ Peak RSS stays far under the 1 GB bound (the script exits 1 above `--rss-limit-g
 
 ## Before and after (omnimerge alone, same inputs, back to back)
 
-The previous round's engine (git `0678309`) and this one, on the 0.5B model with T = 3, every tensor merged, each
-with its defaults (2 workers; the old one hashed the inputs with sha256, the new one with XXH3), one run each,
-back to back on the quiet machine (the old engine from a `git worktree`). In-process
-`MergeReport.seconds`, wall time, peak RSS:
+This round against the previous one (git `e2168e4`), on the 0.5B model with T = 3, every tensor merged, defaults
+(2 workers, XXH3 digests, fsync), alternating old and new, two runs each after a warm-up run of each (the old
+engine from a `git worktree`, the same virtual environment). In-process `MergeReport.seconds` / wall time
+(best of 2) / peak RSS:
 
-| method | before: merge s / wall s / RSS GB | after: merge s / wall s / RSS GB | outputs |
+| method | before (e2168e4): merge s / wall s / RSS GB | after: merge s / wall s / RSS GB | outputs |
 |---|---|---|---|
-| task arithmetic | 4.58 / 6.31 / 0.30 | 2.43 / 3.93 / 0.47 | equal (same operations) |
-| TIES | 22.52 / 24.32 / 5.83 | 4.74 / 6.29 / 1.50 | **byte-identical** (`cmp` of the shards) |
-| DARE-TIES | 22.35 / 24.12 / 5.83 | 3.91 / 5.43 / 0.64 | masks differ by design (counter-based now) |
+| weight average | 1.53 / 2.99 / 0.41 | 1.51 / 2.97 / 0.41 | 100% of the bf16 entries bit-equal (the float32 sums differ below bf16 rounding) |
+| task arithmetic | 1.51 / 2.96 / 0.42 | 1.59 / 3.05 / 0.42 | same operations (three more alternating runs: 2.00 / 1.85 / 1.54 s before, 1.91 / 1.72 / 1.57 s after) |
+| TIES | 3.88 / 5.34 / 1.47 | 3.87 / 5.35 / 1.47 | **byte-identical** (`cmp`) |
+| DARE-TIES | 3.62 / 5.13 / 0.61 | 3.11 / 4.57 / 0.61 | **byte-identical** (`cmp`): the same masks from the 32-bit hash |
 
-(The new engine's RSS for task arithmetic includes numba's ~0.15 GB; the TIES figures include the mapped input
-pages of the chunk in flight.)
+DARE-TIES gained 0.5 s (merge 3.6 → 3.1 s) from the 32-bit hash and from keeping the undecided entries' other
+candidate in the fused loop (the separate candidate pass had cost ~1 s of CPU: 15M undecided entries, 3% of the
+model). Weight average reads one input less, which these warm-cache runs hardly show (one --no-sync run without
+digests: 1.44 → 1.20 s merge); its point is the reference's exact arithmetic. Task arithmetic and TIES did not
+change.
+
+The round before (git `0678309` → `e2168e4`, same protocol, the old engine hashing with sha256): task arithmetic
+4.58 / 6.31 / 0.30 → 2.43 / 3.93 / 0.47; TIES 22.52 / 24.32 / 5.83 → 4.74 / 6.29 / 1.50 (byte-identical);
+DARE-TIES 22.35 / 24.12 / 5.83 → 3.91 / 5.43 / 0.64.
 
 ## Spectral methods: per-layer benchmark
 
