@@ -565,7 +565,7 @@ class MergeRun:
         assert self.base is not None
         if not job.merged:
             return
-        if self._from_weights() is None:
+        if self._from_weights() is None or self.recipe.output != "full":  # (the LoRA output needs W0)
             self.base.prefetch(job.name)
         for src in self.experts:
             if isinstance(src, FullSource):
