@@ -15,10 +15,10 @@ def _targets(res: dict) -> str:
             want = 3.0 if method in ("task_arithmetic", "linear") else 10.0
             lim = o["wall"] / c["cat_s"]
             lim_merge = (ns or o)["merge_s"] / c["cat_s"]
-            verdict = "met" if sp >= want else ("met with --no-sync" if sp_ns and sp_ns >= want else "not met")
+            verdict = "met" if sp >= want else ("met like-for-like" if sp_ns and sp_ns >= want else "not met")
             lines.append(
                 f"| {c['model']} T={c['T']} | {method} | {sp:.1f}×"
-                + (f" / {sp_ns:.1f}× with --no-sync" if sp_ns else "")
+                + (f" / {sp_ns:.1f}× like-for-like" if sp_ns else "")
                 + f" (≥ {want:g}×: {verdict})"
                 + f" | {lim:.0f}× the cat time; merge alone {lim_merge:.1f}×"
                 + (" (target ≤ 4×: " + ("met" if lim <= 4 else ("merge alone met" if lim_merge <= 4 else "not met"))
@@ -27,13 +27,13 @@ def _targets(res: dict) -> str:
                 + ("met" if o["max_rss"] <= m["max_rss"] else "not met")
                 + " |"
             )
-    return "\n".join(["| case | method | speed-up vs mergekit (default / --no-sync) | wall ÷ cat | "
+    return "\n".join(["| case | method | speed-up vs mergekit (default / like-for-like) | wall ÷ cat | "
                       "peak RSS omnimerge vs mergekit |", "|---|---|---|---|---|"] + lines)
 
 
 def _sync(res: dict) -> str:
-    rows = ["| model | T | method | wall s, default (fsync) | wall s, --no-sync | merge s default / --no-sync | "
-            "CPU s default / --no-sync | import s |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | T | method | wall s, default (fsync, digests) | wall s, like-for-like | merge s default / "
+            "like-for-like | CPU s default / like-for-like | import s |", "|---|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
         for method, e in c["methods"].items():
             o, ns = e.get("omnimerge"), e.get("omnimerge_nosync")
@@ -53,7 +53,7 @@ def _scaling(res: dict) -> str:
         return None
 
     out = []
-    for key, what in (("omnimerge", "default"), ("omnimerge_nosync", "--no-sync")):
+    for key, what in (("omnimerge", "default"), ("omnimerge_nosync", "like-for-like")):
         for method in ("task_arithmetic", "ties"):
             ts = [(T, wall("qwen2-0.5b", T, method, key)) for T in (2, 3, 5)]
             ts = [(T, w) for T, w in ts if w]
@@ -108,8 +108,10 @@ everything else, mergekit's linear and task arithmetic runs included, is from th
   (tied embeddings, q/k/v biases, `config.json` with `Qwen2ForCausalLM`), generated from a seed by
   `benchmarks/perf/synth.py`: base ~ N(0, 0.02²), experts = base + N(0, (0.01·std)²) + a rank-8 part of the same
   size (fine-tuning-sized deltas: a few bf16 ulps). 1 GB shards.
-- **Page cache**: the inputs are read with `cat` before every run, so all numbers are warm-cache. The
-  **read limit** is the best of 3 `cat <all input shards> > /dev/null`.
+- **Page cache**: the inputs are read with `cat` before every run, so all numbers are warm-cache, and dirty
+  pages are flushed (`sync`, not timed) before every run, so that no run pays for the writeback of an earlier
+  run's unsynced output (mergekit's, or omnimerge's with `--no-sync`): on 2 cores that writeback had cost the
+  runs after it up to a second. The **read limit** is the best of 3 `cat <all input shards> > /dev/null`.
 - **Equal work**: omnimerge's recipe has `select: {{include: ['.*']}}` (every tensor merged, like mergekit),
   `dtype: float32` (its default compute dtype), bf16 output, 1 GB output shards; mergekit gets `dtype: bfloat16`
   (its behaviour for bf16 inputs), `--out-shard-size 1B --no-copy-tokenizer --random-seed 0`.
@@ -139,12 +141,15 @@ everything else, mergekit's linear and task arithmetic runs included, is from th
   base and the relative delta norm.
 - **Durability**: by default omnimerge flushes the output to disk (`fsync`) before it renames it into place, so
   a merge that returned is on disk; mergekit (like `save_pretrained`) leaves its output in the page cache. On this
-  VM the disk writes ~0.4–0.9 GB/s, so the fsync of the 1–3 GB outputs is a floor of its own. The runs with
-  `--no-sync` (`omnimerge.merge(..., sync=False)`) do what mergekit does and are the like-for-like comparison;
-  both are shown.
+  VM the disk writes ~0.4–0.9 GB/s, so the fsync of the 1–3 GB outputs is a floor of its own.
+- **Like-for-like**: the runs with `--no-sync --hash none` (`omnimerge.merge(..., sync=False,
+  hash_inputs=False)`) do the work mergekit does: no fsync of the output, no input digests. Both columns are
+  shown; the default is what `omnimerge merge` does out of the box.
 - **Input digests**: omnimerge's model card records an XXH3-128 digest of every input file (`--hash sha256` for
   sha256, `--hash none` for none), hashed on a background thread through memory-mapped windows at ~16 GB/s:
-  ~0.06 CPU-s per GB. Every timed run hashes its inputs (an empty digest cache each time).
+  ~0.06 CPU-s per GB. Every timed default run hashes its inputs (an empty digest cache each time, the worst
+  case: a later merge of the same files takes their digests from the cache): on the 1.5B case, 12.35 GB of
+  input, that is ~0.8 CPU-s on a machine whose 2 cores the merge keeps busy.
 - **Startup**: wall times include the interpreter and imports (torch: ~1.2 s; numba and the cached kernels:
   ~0.45 s more, loaded on a background thread while the first chunks merge on the torch path; numba's first
   call imports scipy when it is installed, +0.2 s: omnimerge does not depend on scipy and the environment
@@ -162,7 +167,7 @@ everything else, mergekit's linear and task arithmetic runs included, is from th
 
 ![time against the number of experts]({imgs[1]})
 
-## Durable (fsync) and --no-sync output
+## Default (fsync, digests) and like-for-like (--no-sync --hash none) runs
 
 {_sync(res)}
 
@@ -173,9 +178,7 @@ everything else, mergekit's linear and task arithmetic runs included, is from th
 Time against size and T (the scaling table and plots): {_scaling(res)}. Every tensor is read once per input
 per sweep and the per-element work is a fixed number of operations per input, so time is linear in the bytes
 merged (plus the fixed startup of ~1.5–2 s); TIES adds one counting sweep for its thresholds. The default runs
-also wait for the disk (fsync), which on this VM is shared with the page cache's writeback of the previous
-runs' outputs (mergekit's are never fsync'ed): that, not the merge, makes e.g. TIES at T = 2 slower than at
-T = 3 in the default column; the --no-sync column shows the merge's own scaling.
+also wait for the disk (fsync) and hash every input; the like-for-like column shows the merge's own scaling.
 
 ## What was done for speed (and what bounds it now)
 
@@ -252,8 +255,8 @@ engine from a `git worktree`, the same virtual environment). In-process `MergeRe
 
 DARE-TIES gained 0.5 s (merge 3.6 → 3.1 s) from the 32-bit hash and from keeping the undecided entries' other
 candidate in the fused loop (the separate candidate pass had cost ~1 s of CPU: 15M undecided entries, 3% of the
-model). Weight average reads one input less, which these warm-cache runs hardly show (one --no-sync run without
-digests: 1.44 → 1.20 s merge); its point is the reference's exact arithmetic. Task arithmetic and TIES did not
+model). Weight average reads one input less, which these warm-cache runs hardly show (one run with
+`--no-sync --hash none`: 1.44 → 1.20 s merge); its point is the reference's exact arithmetic. Task arithmetic and TIES did not
 change.
 
 The round before (git `0678309` → `e2168e4`, same protocol, the old engine hashing with sha256): task arithmetic

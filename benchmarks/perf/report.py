@@ -37,8 +37,8 @@ def rows(res: dict) -> list[dict]:
 
 
 def table(res: dict, only_mk: bool) -> str:
-    hdr = ("| model | T | input GB | method | omnimerge wall s (merge s) | omnimerge --no-sync wall s (merge s) | "
-           "omnimerge GB/s | mergekit wall s | mergekit GB/s | speed-up vs mergekit (default / --no-sync) | "
+    hdr = ("| model | T | input GB | method | omnimerge wall s (merge s) | omnimerge like-for-like wall s (merge s) | "
+           "omnimerge GB/s | mergekit wall s | mergekit GB/s | speed-up vs mergekit (default / like-for-like) | "
            "cat s (GB/s) | omnimerge ÷ cat | mergekit ÷ cat | "
            "peak RSS omnimerge / mergekit GB (anon) | outputs agree | load avg omnimerge / mergekit |")
     lines = [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]

@@ -106,6 +106,7 @@ def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True, sy
     shutil.rmtree(out, ignore_errors=True)  # not timed: replacing an old output would cost its deletion
     cache = out.with_name(out.name + "-digest-cache")  # empty: every run hashes its inputs (no cache hits)
     shutil.rmtree(cache, ignore_errors=True)
+    os.sync()  # not timed: no run pays for the writeback of an earlier run's unsynced output
     m = run_measured([sys.executable, "-m", "benchmarks.perf.omni_child", str(recipe), str(out), str(workers),
                       "xxh3" if hash_inputs else "none", "sync" if sync else "nosync"],
                      env={**env(), "OMNIMERGE_CACHE": str(cache)},
@@ -120,6 +121,7 @@ def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True, sy
 
 def run_mk(exe: Path, cfg: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # not timed (see run_omni)
     m = run_measured([str(exe), str(cfg), str(out), "--no-copy-tokenizer", "--random-seed", "0",
                       "--out-shard-size", "1B"], env=env())
     if m.returncode != 0:
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-methods-scaling", action="store_true",
                     help="time every method on the T=2/T=5 cases (default: task arithmetic and TIES)")
     ap.add_argument("--no-nosync", action="store_true",
-                    help="skip the extra omnimerge runs with --no-sync (the output not fsync'ed, as mergekit does)")
+                    help="skip the like-for-like omnimerge runs (--no-sync --hash none: no fsync of the output and no "
+                         "input digests, as mergekit)")
     ap.add_argument("--skip-omnimerge", action="store_true", help="time only mergekit (and cat)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -263,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(0 if a.skip_omnimerge or a.no_nosync else n_omni):
                 time_cat(files, 1)
                 la = loadavg()
-                r = run_omni(rp, omni_out, a.workers, sync=False)
+                r = run_omni(rp, omni_out, a.workers, hash_inputs=False, sync=False)  # mergekit's work
                 r["loadavg"] = la
                 runs.append(r)
-                log(f"  omnimerge {method} (--no-sync): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
+                log(f"  omnimerge {method} (--no-sync --hash none): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
                     f"max RSS {r['max_rss'] / 1e9:.2f} GB, anon {r['peak_anon'] / 1e9:.2f} GB, load {la:.2f}")
             if runs:
                 entry["omnimerge_nosync"] = best_of(runs)
