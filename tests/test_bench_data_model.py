@@ -120,3 +120,28 @@ def test_greedy_decode_cache_matches_no_cache() -> None:
     b = greedy_decode(model, es.ids, es.pixel, 4, use_cache=False)
     assert a == b
     assert all(M.IMAGE not in row and M.PAD not in row for row in a)  # forbidden at decode time
+
+
+def test_lora_initialisation_follows_the_seed() -> None:
+    """The zoo's LoRA experts start from the same adapters for the same seed (peft draws lora_A from torch's
+    global generator, which a spawned worker seeds at random), different ones for another seed, and the caller's
+    generator state is left alone."""
+    import torch
+
+    from omnimerge.bench import model as M
+    from omnimerge.bench.train import TrainSpec, add_lora
+
+    spec = TrainSpec(steps=1, lr=1e-3, lora_r=4)
+
+    def lora_a(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        model = M.build_model(seed=0)
+        torch.manual_seed(global_seed)  # any global state: the adapters must not depend on it
+        before = torch.random.get_rng_state()
+        m = add_lora(model, spec, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before), "add_lora moved the caller's generator"
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if "lora_A" in k}
+
+    a, b, c = lora_a(5, 123), lora_a(5, 999), lora_a(6, 123)
+    assert a and a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -97,12 +97,19 @@ class TrainSpec:
     lora_alpha: int = 16
 
 
-def add_lora(model: Any, spec: TrainSpec) -> Any:
-    """Wrap ``model`` with peft LoRA adapters on every linear layer of vision tower, projector and LLM."""
+def add_lora(model: Any, spec: TrainSpec, seed: int) -> Any:
+    """Wrap ``model`` with peft LoRA adapters on every linear layer of vision tower, projector and LLM.
+
+    peft draws the ``lora_A`` initialisation from torch's global generator, which a fresh (spawned) process seeds
+    at random: it is drawn here under ``seed`` instead (the caller's generator state is left as it was), so that
+    the same zoo config trains the same LoRA experts."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def train(

@@ -31,7 +31,7 @@ from omnimerge.bench import TASKS
 from omnimerge.bench.model import ModelSpec
 from omnimerge.bench.train import TrainSpec
 
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"  # 3: LoRA experts initialised from the config's seed (were from a random global state)
 
 
 @dataclass(frozen=True)
@@ -193,16 +193,16 @@ def _job(args: tuple[str, str, dict[str, Any], str, Any]) -> dict[str, Any]:
     td: TensorData = TensorData.cat(list(tasks.values())) if kind == "mixture" else tasks[task]
     spec = cfg.spec(kind, task)
     model = load_model(zoo.base_dir)
+    seed = cfg.seed + 1 + TASKS.index(task) if task in TASKS else cfg.seed + 7
     if kind == "lora":
-        model = add_lora(model, spec)
+        model = add_lora(model, spec, seed=1000 + seed)
     name = f"{kind}/{task}" if kind != "mixture" else "mixture"
 
     def progress(step: int) -> None:
         if queue is not None and (step % 10 == 0 or step == spec.steps):
             queue.put((name, step))
 
-    stats = train(model, td, spec, seed=cfg.seed + 1 + TASKS.index(task) if task in TASKS else cfg.seed + 7,
-                  progress=progress)
+    stats = train(model, td, spec, seed=seed, progress=progress)
     proc = build_processor(cfg.model)
     if kind == "lora":
         model.save_pretrained(str(zoo.lora_dir(task)))
