@@ -438,6 +438,8 @@ def _run_jobs(jobs: list[tuple[str, str]], cfg: ZooConfig, zoo: Zoo, bars: dict[
                 pending.wait(0.5)
             _drain(q, bars, prog, queue_mod)
             results = pending.get()
+            pool.close()  # let the workers exit on their own (leaving the block terminates them: the resource
+            pool.join()  # tracker then warned of a leaked semaphore at shutdown)
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
