@@ -466,6 +466,10 @@ class TiesBlockState:
     # the majority sign predicted from the sample, then from the sign sum so far: undecided entries are merged
     # with it as they stream, and amended afterwards only where it differs from the tensor's majority
     guess: float = 0.0
+    fix_idx: list[np.ndarray] = field(default_factory=list)
+    fix_guess: list[float] = field(default_factory=list)  # the guess each group of fix_idx was merged with
+    fix_pos: list[torch.Tensor | None] = field(default_factory=list)
+    fix_neg: list[torch.Tensor | None] = field(default_factory=list)
 
     def record(self, signsum: int, idx: np.ndarray | None, pos: torch.Tensor | None,
                neg: torch.Tensor | None) -> None:
@@ -475,20 +479,13 @@ class TiesBlockState:
         self.signsum += signsum
         if idx is not None and len(idx):
             self.fix_idx.append(idx)
-            self.fix_pos.append(pos)  # type: ignore[arg-type]
-            self.fix_neg.append(neg)  # type: ignore[arg-type]
+            self.fix_pos.append(pos)
+            self.fix_neg.append(neg)
             self.fix_guess.append(self.guess)
         self.guess = float((self.signsum > 0) - (self.signsum < 0)) if self.signsum else self.guess
-    fix_idx: list[np.ndarray] = field(default_factory=list)
-    fix_guess: list[float] = field(default_factory=list)  # the guess each group of fix_idx was merged with
-    fix_pos: list[torch.Tensor | None] = field(default_factory=list)
-    fix_neg: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class TiesBlockwise:
-    #: the engine may run the sweeps and the merge with omnimerge.kernels.TiesBlocks (same operations, compiled)
-    compiled = "ties"
-
     """TIES / DARE-TIES over a tensor streamed in blocks, bit-identical to the whole-tensor computation.
 
     Protocol (driven by the engine, see ``MergeRun._merge_job_blockwise``): ``begin`` (with a sampler that returns
@@ -501,8 +498,13 @@ class TiesBlockwise:
     entries at or below lo and below hi and gathers those strictly inside (a few percent), which places the k-th
     value exactly. A missed bracket (NaN-free inputs make it vanishingly rare) costs one more sweep that gathers
     all magnitudes of that expert. Majority sign: entries whose elected sign is 0 while some trimmed entry is
-    non-zero are merged once the tensor's sign sum is known (their two candidate values are kept meanwhile).
+    non-zero are merged with the majority sign guessed from the sample, then from the sign sum so far; their
+    values for the other sign are kept, and once the tensor's sign sum is known the entries merged with a wrong
+    guess are amended (``fixups``).
     """
+
+    #: the engine may run the sweeps and the merge with omnimerge.kernels.TiesBlocks (same operations, compiled)
+    compiled = "ties"
 
     def begin(
         self,
