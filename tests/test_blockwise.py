@@ -194,9 +194,31 @@ def test_dare_masks_do_not_depend_on_blocks() -> None:
     assert not torch.equal(whole, ties_mod.dare_multiplier(TensorContext(name="v", seed=11), 0, 0, n, 0.3))
     far = ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32))
     assert not torch.equal(whole, far) and abs(float((far == 0).float().mean()) - 0.3) < 0.005
+    # across 2^32 too: a block that straddles it gives each entry the mask it has in any other block
+    edge = (1 << 32) - 1000
+    span = ties_mod.dare_multiplier(ctx, 0, edge, 3000, 0.3)
+    assert torch.equal(span[:1000], ties_mod.dare_multiplier(ctx, 0, edge, 1000, 0.3))
+    assert torch.equal(span[1000:], ties_mod.dare_multiplier(ctx, 0, 1 << 32, 2000, 0.3))
     # neighbouring entries are independent: the joint keep rate of (j, j+1) is (1 - p)^2
     k = (whole != 0).float()
     assert abs(float((k[1:] * k[:-1]).mean()) - 0.49) < 0.005
+
+
+def test_compiled_dare_masks_past_two_to_the_32() -> None:
+    """The compiled kernels' DARE masks are ties.dare_'s, on both sides of flat position 2^32 (where the high word
+    of the position is keyed in)."""
+    from omnimerge import kernels
+
+    assert kernels.available()
+    ctx = TensorContext(name="w", seed=4)
+    n, start, p = 5000, (1 << 32) - 2000, 0.35
+    keys = np.array([ties_mod.dare_key(ctx, i) for i in range(2)], dtype=np.int64)
+    tv = np.ones((2, n), np.float32)
+    assert kernels._kernels()["prepare"](tv, n, start, keys, round(p * 2.0**32), float(np.float32(1 / (1 - p))),
+                                         True)  # type: ignore[index]
+    for i in range(2):
+        assert torch.equal(torch.from_numpy(tv[i]), ties_mod.dare_multiplier(ctx, i, start, n, p))
+    assert 0.3 < float((tv == 0).mean()) < 0.4
 
 
 @pytest.fixture

@@ -189,10 +189,11 @@ def _dare_hash(pos: np.ndarray, key: tuple[int, int, int]) -> np.ndarray:
     np.add(x, np.uint32(b), out=x)
     tmp = np.empty_like(x)
     _mix32_(x, tmp)
-    if pos.size and int(pos.max()) > _M32:  # tensors of more than 2^32 entries: key the high word in too
-        hi = (pos >> 32).astype(np.uint32)
-        np.bitwise_xor(x, np.multiply(hi, np.uint32(c)), out=x)
-        _mix32_(x, tmp)
+    if pos.size and int(pos.max()) > _M32:  # positions past 2^32 (tensors that large): key the high word in too
+        far = pos > _M32  # only there: the mask of an entry must not depend on the other positions asked for
+        y = x[far] ^ np.multiply((pos[far] >> 32).astype(np.uint32), np.uint32(c))
+        _mix32_(y, np.empty_like(y))
+        x[far] = y
     return x
 
 
