@@ -60,6 +60,14 @@ def _lowbias32(builder: Any, x: Any) -> Any:
 
 
 @intrinsic
+def _mix32(typingctx: Any, x: Any) -> Any:
+    """lowbias32 of the low 32 bits of an integer, as uint32 (ties._mix32_)."""
+    if not isinstance(x, types.Integer):
+        return None
+    return types.uint32(x), lambda context, builder, signature, args: _lowbias32(builder, builder.trunc(args[0], _I32))
+
+
+@intrinsic
 def _dare_keep(typingctx: Any, pos: Any, a: Any, b: Any, thr: Any) -> Any:
     """Whether DARE keeps flat entry ``pos`` (< 2^32): lowbias32(low32(pos * a + b)) >= thr, as ties._dare_hash.
 
@@ -134,19 +142,9 @@ def prepare(tv: Any, n: int, start: int, keys: Any, dthr: int, dscale: float, us
             else:
                 for j in range(n):
                     pos = np.uint64(start + j)
-                    x = ((pos & m32) * a + b) & m32
-                    x ^= x >> np.uint64(16)
-                    x = (x * np.uint64(0x7FEB352D)) & m32
-                    x ^= x >> np.uint64(15)
-                    x = (x * np.uint64(0x846CA68B)) & m32
-                    x ^= x >> np.uint64(16)
+                    x = np.uint64(_mix32(pos * a + b))
                     if pos > m32:  # positions past 2^32: the high word keyed in (ties._dare_hash)
-                        x ^= ((pos >> np.uint64(32)) * c) & m32
-                        x ^= x >> np.uint64(16)
-                        x = (x * np.uint64(0x7FEB352D)) & m32
-                        x ^= x >> np.uint64(15)
-                        x = (x * np.uint64(0x846CA68B)) & m32
-                        x ^= x >> np.uint64(16)
+                        x = np.uint64(_mix32(x ^ ((pos >> np.uint64(32)) * c)))
                     row[j] = row[j] * (s if x >= thr else zero)
     return finite
 
