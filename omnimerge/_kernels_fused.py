@@ -522,10 +522,12 @@ def _tiesc1(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = zero + w0 * (one if cp0 > zero else zero)
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -604,10 +606,12 @@ def _tiesc1d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = zero + w0 * (one if cp0 > zero else zero)
         nn = zero + cn0
         nd = zero + w0 * (one if cn0 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -704,10 +708,12 @@ def _tiesc2(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w1 * (one if cp1 > zero else zero)
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -816,10 +822,12 @@ def _tiesc2d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w1 * (one if cp1 > zero else zero)
         nn = nn + cn1
         nd = nd + w1 * (one if cn1 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -940,10 +948,12 @@ def _tiesc3(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w2 * (one if cp2 > zero else zero)
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1082,10 +1092,12 @@ def _tiesc3d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w2 * (one if cp2 > zero else zero)
         nn = nn + cn2
         nd = nd + w2 * (one if cn2 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1230,10 +1242,12 @@ def _tiesc4(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w3 * (one if cp3 > zero else zero)
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1402,10 +1416,12 @@ def _tiesc4d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w3 * (one if cp3 > zero else zero)
         nn = nn + cn3
         nd = nd + w3 * (one if cn3 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1574,10 +1590,12 @@ def _tiesc5(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w4 * (one if cp4 > zero else zero)
         nn = nn + cn4
         nd = nd + w4 * (one if cn4 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1776,10 +1794,12 @@ def _tiesc5d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w4 * (one if cp4 > zero else zero)
         nn = nn + cn4
         nd = nd + w4 * (one if cn4 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -1972,10 +1992,12 @@ def _tiesc6(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w5 * (one if cp5 > zero else zero)
         nn = nn + cn5
         nd = nd + w5 * (one if cn5 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -2204,10 +2226,12 @@ def _tiesc6d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w5 * (one if cp5 > zero else zero)
         nn = nn + cn5
         nd = nd + w5 * (one if cn5 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -2424,10 +2448,12 @@ def _tiesc7(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w6 * (one if cp6 > zero else zero)
         nn = nn + cn6
         nd = nd + w6 * (one if cn6 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -2686,10 +2712,12 @@ def _tiesc7d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w6 * (one if cp6 > zero else zero)
         nn = nn + cn6
         nd = nd + w6 * (one if cn6 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -2930,10 +2958,12 @@ def _tiesc8(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6:
         pd = pd + w7 * (one if cp7 > zero else zero)
         nn = nn + cn7
         nd = nd + w7 * (one if cn7 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 
@@ -3222,10 +3252,12 @@ def _tiesc8d(base: Any, e0: Any, e1: Any, e2: Any, e3: Any, e4: Any, e5: Any, e6
         pd = pd + w7 * (one if cp7 > zero else zero)
         nn = nn + cn7
         nd = nd + w7 * (one if cn7 > zero else zero)
-        de = pd + (one - (one if pd > zero else zero))
-        amb_pos[q] = ((pn / de) * one + zero) * sc
-        de = nd + (one - (one if nd > zero else zero))
-        amb_neg[q] = ((nn / de) * -one + zero) * sc
+        dp = pd + (one - (one if pd > zero else zero))
+        dn = nd + (one - (one if nd > zero else zero))
+        vp = ((pn / dp) * one + zero) * sc
+        vn = ((nn / dn) * -one + zero) * sc
+        amb_pos[q] = vp
+        amb_neg[q] = vn
         amb_idx[q] = start + j
 
 

@@ -85,8 +85,9 @@ def main() -> None:
 #: the most experts a fused TIES loop takes (its signature has this many expert arrays; unused ones repeat e0)
 TIES_MAX = 8
 # No reductions inside the loop (LLVM does not vectorise it with them): the per-entry sign, non-finite and
-# undecided flags go to byte arrays that a separate loop reduces; the undecided entries' two candidates are
-# recomputed at the flagged positions only (gathered by compact_flags).
+# undecided flags go to byte arrays that a separate loop reduces; each entry's delta for the sign opposite the
+# guessed majority goes to ``alt``. Without a guess, the undecided entries' two candidates are recomputed at the
+# flagged positions only (gathered by compact_flags).
 
 def _task(i: int, drop: bool, ind: str) -> list[str]:
     """t_i at entry j: W_i - W0 (non-finite flag), DARE (counter-based mask of ties.dare_), trim, weight."""
@@ -106,6 +107,13 @@ def _sums(k: int, ind: str) -> list[str]:
     for i in range(1, k):
         out += [f"pn = pn + cp{i}", f"pd = pd + w{i} * (one if cp{i} > zero else zero)",
                 f"nn = nn + cn{i}", f"nd = nd + w{i} * (one if cn{i} > zero else zero)"]
+    return [ind + line for line in out]
+
+
+def _candidates(ind: str) -> list[str]:
+    """vp, vn: the disjoint means for elected sign +1 and -1 (a zero count divides by 1), scaled."""
+    out = ["dp = pd + (one - (one if pd > zero else zero))", "dn = nd + (one - (one if nd > zero else zero))",
+           "vp = ((pn / dp) * one + zero) * sc", "vn = ((nn / dn) * -one + zero) * sc"]
     return [ind + line for line in out]
 
 
@@ -147,13 +155,9 @@ def ties_loop(k: int, drop: bool) -> str:
     lines.append(f"        tot = {_total(k)}")
     lines += ["        s0 = one if tot > zero else (-one if tot < zero else zero)"]
     lines += _sums(k, "        ")
-    lines += ["        s = s0 + (one - abs(s0)) * mj",  # sign 0 -> the majority (known, or guessed)
-              # the disjoint means for sign +1 and -1 (a zero count divides by 1), then the one of sign s
-              "        dp = pd + (one - (one if pd > zero else zero))",
-              "        dn = nd + (one - (one if nd > zero else zero))",
-              "        vp = ((pn / dp) * one + zero) * sc",
-              "        vn = ((nn / dn) * -one + zero) * sc",
-              "        v = vp if s > zero else (vn if s < zero else zero * sc)",
+    lines += ["        s = s0 + (one - abs(s0)) * mj"]  # sign 0 -> the majority (known, or guessed)
+    lines += _candidates("        ")
+    lines += ["        v = vp if s > zero else (vn if s < zero else zero * sc)",
               "        alt[j] = vn if mj > zero else vp",
               "        nbv = (_bits(v) & ex) == ex",
               "        bad[j] = np.uint8(1) if " + " | ".join([f"nb{i}" for i in range(k)] + ["nbv"])
@@ -176,12 +180,8 @@ def ties_candidates(k: int, drop: bool) -> str:
               "        b = _f32(base[j])", "        pos = np.uint64(start + j)"]
     for i in range(k):
         lines += _task(i, drop, "        ")
-    lines += _sums(k, "        ")
-    lines += ["        de = pd + (one - (one if pd > zero else zero))",
-              "        amb_pos[q] = ((pn / de) * one + zero) * sc",
-              "        de = nd + (one - (one if nd > zero else zero))",
-              "        amb_neg[q] = ((nn / de) * -one + zero) * sc",
-              "        amb_idx[q] = start + j", "", ""]
+    lines += _sums(k, "        ") + _candidates("        ")
+    lines += ["        amb_pos[q] = vp", "        amb_neg[q] = vn", "        amb_idx[q] = start + j", "", ""]
     return "\n".join(lines)
 
 
