@@ -51,7 +51,6 @@ from omnimerge.errors import (
     OmniMergeError,
     OutputError,
     RecipeError,
-    TensorMismatchError,
 )
 from omnimerge.kernels import CHUNK as KERNEL_CHUNK
 from omnimerge.kernels import LinearBlocks, TiesBlocks
@@ -300,9 +299,13 @@ class MergeRun:
             log=self.notes,
         )
 
+    def _all_full(self) -> bool:
+        """Every expert is a full checkpoint (no adapter)."""
+        return all(isinstance(s, FullSource) for s in self.experts)
+
     def _streamable(self) -> bool:
         """Tensors can be streamed from the memory-mapped inputs: CPU math, every expert a full checkpoint."""
-        return self.device.type == "cpu" and all(isinstance(s, FullSource) for s in self.experts)
+        return self.device.type == "cpu" and self._all_full()
 
     def _fusable(self) -> bool:
         return bool(getattr(self.method.fn, "elementwise", False)) and self._streamable()
@@ -311,31 +314,31 @@ class MergeRun:
         """The method's form over the experts' weights alone (see methods.base), if it has one and every expert
         is a full checkpoint: merged tensors are then computed without reading the base."""
         fw = getattr(self.method.fn, "from_weights", None)
-        return fw if fw is not None and all(isinstance(s, FullSource) for s in self.experts) else None
+        return fw if fw is not None and self._all_full() else None
+
+    def _check_shape(self, got: torch.Tensor, want: Any, what: str) -> None:
+        """The method's result must have the shape of what it merges (``what`` names it in the error)."""
+        if tuple(got.shape) != tuple(want):
+            raise OmniMergeError(
+                f"method '{self.method.name}' returned shape {list(got.shape)} for {what} of shape {list(want)}")
 
     def _weights(self, job: Job) -> list[torch.Tensor]:
         """The experts' weights of a job in the compute dtype (fresh tensors), each checked for NaN/Inf."""
         out = []
         for src in self.experts:
             assert isinstance(src, FullSource)
-            name = src.ckpt.find(job.canonical)
-            if name is None:  # validated earlier; kept for safety
-                raise TensorMismatchError(f"expert '{src.ref}' has no tensor '{job.name}'")
-            w = src.ckpt.read(name).to(device=self.device, dtype=self.compute_dtype, copy=True)
+            w = src.weight(job.name, job.canonical, self.compute_dtype, self.device)
             if self.check_finite and not _all_finite(w):
                 raise NonFiniteTensorError(
-                    f"expert '{src.ref}' ({src.path}): tensor '{name}' holds NaN or Inf values")
+                    f"expert '{src.ref}' ({src.path}): tensor '{src.ckpt.find(job.canonical)}' holds NaN or Inf "
+                    f"values")
             out.append(w)
         return out
 
     def _merged_from_weights(self, job: Job, fw: Callable[..., torch.Tensor]) -> torch.Tensor:
         """The merged tensor of a job by the method's ``from_weights`` form, whole, in the compute dtype."""
         out = fw(self._weights(job), self._context(job, None, None), **self.kwargs)
-        if tuple(out.shape) != tuple(job.meta.shape):
-            raise OmniMergeError(
-                f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{job.name}' of shape "
-                f"{list(job.meta.shape)}"
-            )
+        self._check_shape(out, job.meta.shape, f"tensor '{job.name}'")
         if self.check_finite and not _all_finite(out):
             raise NonFiniteTensorError(
                 f"tensor '{job.name}': the {self.method.name} of the experts' values overflows {self.recipe.dtype} "
@@ -454,11 +457,7 @@ class MergeRun:
                 # elementwise methods propagate a NaN/Inf of any task vector into the delta: one check
                 if self.check_finite and not _all_finite(delta):
                     return False
-                if tuple(delta.shape) != tuple(b.shape):
-                    raise OmniMergeError(
-                        f"method '{self.method.name}' returned shape {list(delta.shape)} for a block of tensor "
-                        f"'{job.name}' of shape {list(b.shape)}"
-                    )
+                self._check_shape(delta, b.shape, f"a block of tensor '{job.name}'")
                 writer.write_part(job.name, self._block_out(b, delta, obuf, job.out_dtype, e - s), s, e == n)
         return True
 
@@ -594,11 +593,7 @@ class MergeRun:
         ctx = self._context(job, factors, stats)
         delta = self.method.fn(base, tvs, ctx, **self.kwargs)
         del tvs
-        if tuple(delta.shape) != tuple(base.shape):
-            raise OmniMergeError(
-                f"method '{self.method.name}' returned shape {list(delta.shape)} for tensor '{job.name}' of shape "
-                f"{list(base.shape)}"
-            )
+        self._check_shape(delta, base.shape, f"tensor '{job.name}'")
         return base, delta.to(base.dtype)
 
     def _copy_job(self, job: Job, writer: ShardedWriter) -> None:

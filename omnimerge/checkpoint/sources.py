@@ -94,16 +94,17 @@ class FullSource:
             )
         return notes
 
-    def task_vector(
-        self, base_name: str, canonical: str, base: torch.Tensor, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor | None, LowRank | None]:
+    def weight(self, base_name: str, canonical: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The expert's own tensor for one base tensor, as a fresh tensor in ``dtype`` on ``device``."""
         name = self.ckpt.find(canonical)
         if name is None:  # validated earlier; kept for safety
             raise TensorMismatchError(f"expert '{self.ref}' has no tensor '{base_name}'")
-        w = self.ckpt.read(name)
-        tv = w.to(device=device, dtype=dtype, copy=True)
-        tv.sub_(base)
-        return tv, None
+        return self.ckpt.read(name).to(device=device, dtype=dtype, copy=True)
+
+    def task_vector(
+        self, base_name: str, canonical: str, base: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor | None, LowRank | None]:
+        return self.weight(base_name, canonical, dtype, device).sub_(base), None
 
     def input_files(self) -> list[Path]:
         return list(self.ckpt.files) + [p for p in (self.path / "config.json",) if p.is_file()]
