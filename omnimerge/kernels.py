@@ -53,14 +53,12 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
         try:
             if _kernels() is None:
                 return
-            n = 8
+            n = 64
             base = torch.zeros(n, dtype=in_dtype)
             if ties:
                 from omnimerge.methods.base import TensorContext
                 from omnimerge.methods.ties import TiesBlockState
 
-                n = 64
-                base = torch.zeros(n, dtype=in_dtype)
                 # +1 and -1 entries: undecided (elected sign 0) entries, so that every loop of a merge loads here
                 pm = [torch.ones(n, dtype=in_dtype), -torch.ones(n, dtype=in_dtype)]
                 st = TiesBlockState(TensorContext(name="warm-up"), n, 1.0, (1.0,) * experts, 1.0,
