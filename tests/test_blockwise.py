@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,6 +60,29 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_file(t, str(d / "model.safetensors"))
         (d / "config.json").write_text(json.dumps(cfg))
     return root
+
+
+def _save_model(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``tensors`` saved as a model folder ``dst`` with the config of the model folder ``src``."""
+    dst.mkdir(parents=True)
+    save_file(tensors, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def _with_entry(models: Path, tmp: Path, expert: str, name: str, index: tuple[int, int], value: float) -> Path:
+    """A copy of ``expert`` with one entry of tensor ``name`` set to ``value``."""
+    t = load_file(str(models / expert / "model.safetensors"))
+    t[name][index] = value
+    return _save_model(models / expert, tmp / "bad", t)
+
+
+def _as_float32(models: Path, dst: Path, edit: Any) -> Path:
+    """Every model of ``models`` in float32 under ``dst``, each tensor dict passed through ``edit(folder, t)``."""
+    for d in models.iterdir():
+        t = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
+        _save_model(d, dst / d.name, edit(d.name, t))
+    return dst
 
 
 def _recipe(models: Path, method: str, weights: list[float] | None = None, **params) -> dict:  # type: ignore[no-untyped-def]
@@ -166,12 +190,8 @@ def test_missed_bracket_falls_back_exactly(models: Path, tmp_path: Path, monkeyp
 
 
 def test_streamed_ties_reports_non_finite_input(models: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    t = load_file(str(models / "expert1" / "model.safetensors"))
-    t[BIG][3, 5] = float("nan")  # TIES would trim a NaN away silently: it must be reported instead
-    save_file(t, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((models / "base" / "config.json").read_text())
+    # TIES would trim a NaN away silently: it must be reported instead
+    bad = _with_entry(models, tmp_path, "expert1", BIG, (3, 5), float("nan"))
     r = _recipe(models, "ties", density=0.2)
     r["models"][1]["model"] = str(bad)
     with pytest.raises(omnimerge.errors.NonFiniteTensorError, match="up_proj"):
@@ -252,12 +272,7 @@ def test_compiled_linear_kernel_equals_torch(models: Path, tmp_path: Path, kerne
                                              params: dict, out_dtype: str | None, fp32_inputs: bool) -> None:  # type: ignore[type-arg]
     src = models
     if fp32_inputs:
-        src = tmp_path / "fp32"
-        for d in models.iterdir():
-            (src / d.name).mkdir(parents=True)
-            t = {k: v.float() * 1.37 for k, v in load_file(str(d / "model.safetensors")).items()}
-            save_file(t, str(src / d.name / "model.safetensors"))
-            (src / d.name / "config.json").write_text((d / "config.json").read_text())
+        src = _as_float32(models, tmp_path / "fp32", lambda _d, t: {k: v * 1.37 for k, v in t.items()})
     r = _recipe(src, method, **params)
     if out_dtype:
         r["out_dtype"] = out_dtype
@@ -279,12 +294,7 @@ def test_compiled_kernel_is_skipped_for_weights_and_reports_nan(models: Path, tm
     ref = _run(models, tmp_path, _recipe(models, "task_arithmetic", [1.0, 0.5, 2.0], scaling=0.3), "w2",
                use_kernels=False)
     _same(weighted, ref)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    t = load_file(str(models / "expert2" / "model.safetensors"))
-    t[WIDE][1100, 7] = float("inf")
-    save_file(t, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((models / "base" / "config.json").read_text())
+    bad = _with_entry(models, tmp_path, "expert2", WIDE, (1100, 7), float("inf"))
     r = _recipe(models, "task_arithmetic", scaling=0.3)
     r["models"][2]["model"] = str(bad)
     with pytest.raises(omnimerge.errors.NonFiniteTensorError, match="embed_tokens"):
@@ -386,14 +396,12 @@ def test_weight_average_reads_no_base_tensor(models: Path, tmp_path: Path, monke
 def test_weight_average_reports_bad_values(models: Path, tmp_path: Path, value: float, match: str) -> None:
     """A NaN in an expert names the expert and tensor; finite values whose sum overflows float32 are reported as
     an overflow; nothing is written either way."""
-    src = tmp_path / "fp32"
-    for d in models.iterdir():
-        t = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
-        if d.name != "base":
-            t[BIG][5, 7] = value if d.name == "expert2" or value > 1e38 else t[BIG][5, 7]
-        (src / d.name).mkdir(parents=True)
-        save_file(t, str(src / d.name / "model.safetensors"))
-        (src / d.name / "config.json").write_text((d / "config.json").read_text())
+    def edit(folder: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if folder == "expert2" or (folder != "base" and value > 1e38):
+            t[BIG][5, 7] = value
+        return t
+
+    src = _as_float32(models, tmp_path / "fp32", edit)
     with pytest.raises(omnimerge.errors.NonFiniteTensorError, match=match):
         omnimerge.merge(_recipe(src, "weight_average"), tmp_path / "out", hash_inputs=False)
     assert not (tmp_path / "out").exists()
