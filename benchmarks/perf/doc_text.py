@@ -7,7 +7,7 @@ def _targets(res: dict) -> str:
     lines = []
     for c in res["cases"]:
         for method, e in c["methods"].items():
-            o, m, ns = e.get("omnimerge"), e.get("mergekit"), e.get("omnimerge_nosync")
+            o, m, ns = e.get("omnimerge"), e.get("mergekit"), e.get("omnimerge_like")
             if not (o and m):
                 continue
             sp = m["wall"] / o["wall"]
@@ -36,7 +36,7 @@ def _sync(res: dict) -> str:
             "like-for-like | CPU s default / like-for-like | import s |", "|---|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
         for method, e in c["methods"].items():
-            o, ns = e.get("omnimerge"), e.get("omnimerge_nosync")
+            o, ns = e.get("omnimerge"), e.get("omnimerge_like")
             if o and ns:
                 rows.append(f"| {c['model']} | {c['T']} | {method} | {o['wall']:.2f} | {ns['wall']:.2f} | "
                             f"{o['merge_s']:.2f} / {ns['merge_s']:.2f} | {o['cpu']:.1f} / {ns['cpu']:.1f} | "
@@ -53,7 +53,7 @@ def _scaling(res: dict) -> str:
         return None
 
     out = []
-    for key, what in (("omnimerge", "default"), ("omnimerge_nosync", "like-for-like")):
+    for key, what in (("omnimerge", "default"), ("omnimerge_like", "like-for-like")):
         for method in ("task_arithmetic", "ties"):
             ts = [(T, wall("qwen2-0.5b", T, method, key)) for T in (2, 3, 5)]
             ts = [(T, w) for T, w in ts if w]

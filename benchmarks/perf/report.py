@@ -31,7 +31,7 @@ def rows(res: dict) -> list[dict]:
         for method, e in c["methods"].items():
             o, m = e.get("omnimerge"), e.get("mergekit")
             r = {"model": c["model"], "T": c["T"], "method": method, "in": c["input_bytes"], "cat": c["cat_s"],
-                 "o": o, "m": m, "ag": e.get("agreement"), "ns": e.get("omnimerge_nosync")}
+                 "o": o, "m": m, "ag": e.get("agreement"), "ns": e.get("omnimerge_like")}
             out.append(r)
     return out
 
@@ -41,7 +41,7 @@ def table(res: dict, only_mk: bool) -> str:
            "omnimerge GB/s | mergekit wall s | mergekit GB/s | speed-up vs mergekit (default / like-for-like) | "
            "cat s (GB/s) | omnimerge ÷ cat | mergekit ÷ cat | "
            "peak RSS omnimerge / mergekit GB (anon) | outputs agree | load avg omnimerge / mergekit |")
-    lines = [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
+    lines = [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
     for r in rows(res):
         if only_mk != bool(r["m"]):
             continue

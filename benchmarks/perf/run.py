@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats-slow", type=int, default=1, help="runs for TIES / DARE-TIES (default 1)")
     ap.add_argument("--all-methods-scaling", action="store_true",
                     help="time every method on the T=2/T=5 cases (default: task arithmetic and TIES)")
-    ap.add_argument("--no-nosync", action="store_true",
+    ap.add_argument("--no-like-for-like", action="store_true",
                     help="skip the like-for-like omnimerge runs (--no-sync --hash none: no fsync of the output and no "
                          "input digests, as mergekit)")
     ap.add_argument("--skip-omnimerge", action="store_true", help="time only mergekit (and cat)")
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             if runs:
                 entry["omnimerge"] = best_of(runs)
             runs = []
-            for _ in range(0 if a.skip_omnimerge or a.no_nosync else n_omni):
+            for _ in range(0 if a.skip_omnimerge or a.no_like_for_like else n_omni):
                 time_cat(files, 1)
                 la = loadavg()
                 r = run_omni(rp, omni_out, a.workers, hash_inputs=False, sync=False)  # mergekit's work
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  omnimerge {method} (--no-sync --hash none): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
                     f"max RSS {r['max_rss'] / 1e9:.2f} GB, anon {r['peak_anon'] / 1e9:.2f} GB, load {la:.2f}")
             if runs:
-                entry["omnimerge_nosync"] = best_of(runs)
+                entry["omnimerge_like"] = best_of(runs)
             if run_mk_here:
                 assert mk_exe is not None
                 cp = cdir / f"mk-{method}.yaml"
