@@ -46,6 +46,15 @@ def build_suite(split: str, n: int, seed: int, enc: Encoder | None = None,
     return {t: build_evalset(t, split, n, seed, enc) for t in tasks}
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes (and its output carries) the KV cache: ``cache`` since
+    transformers renamed it (``past_key_values`` is deprecated there, to be removed in 5.40), else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_decode(model: Any, ids: Any, pixel: Any, max_new: int, batch: int = 250,
                   use_cache: bool = True) -> list[list[int]]:
     """Greedy decoding of ``max_new`` tokens, forbidding ``<pad> <unk> <s> <image>`` (KV cache by default)."""
@@ -53,6 +62,7 @@ def greedy_decode(model: Any, ids: Any, pixel: Any, max_new: int, batch: int = 2
 
     out: list[list[int]] = []
     banned = [PAD, UNK, BOS, IMAGE]
+    cache_kw = cache_argument(model)
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch):
             cur = ids[s : s + batch]
@@ -69,8 +79,8 @@ def greedy_decode(model: Any, ids: Any, pixel: Any, max_new: int, batch: int = 2
                     break
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
                 if use_cache:
-                    res = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=res.past_key_values,
-                                use_cache=True)
+                    res = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
+                                **{cache_kw: getattr(res, cache_kw)})
                 else:
                     cur = torch.cat([cur, nxt[:, None]], dim=1)
                     res = model(input_ids=cur, attention_mask=mask, pixel_values=pv, use_cache=False)

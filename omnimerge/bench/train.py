@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,10 @@ def add_lora(model: Any, spec: TrainSpec, seed: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft (0.21) itself reads transformers' deprecated ``is_gradient_checkpointing`` property inside
+        # get_peft_model; nothing here uses it. Only that one message is filtered, only around this call.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
 
