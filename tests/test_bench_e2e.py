@@ -1,4 +1,5 @@
-"""Quick-mode end to end: zoo build + bench (two methods, both families) + the CLI's eval command.
+"""Quick-mode end to end: zoo build (seed 1) + bench (every method, both families) + the CLI's eval command;
+a zoo whose calibration fails (forced) still gives a full bench run that records and prints the shortfall.
 
 The quick zoo trains for a few steps only, so its scores mean nothing; the test checks that every stage runs on
 real transformers checkpoints and writes its outputs with the right shape.
@@ -7,6 +8,7 @@ real transformers checkpoints and writes its outputs with the right shape.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -16,7 +18,7 @@ import pytest
 
 from omnimerge.bench import TASKS  # noqa: E402
 
-METHODS = ["task_arithmetic", "weight_average"]
+SEED = 1  # a non-zero zoo seed: every method must still merge and score (it once set an unknown recipe key)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("zoo")
     out = tmp_path_factory.mktemp("bench")
     console = Console(record=True, width=160)
-    res = run_bench(out, methods=METHODS, quick=True, zoo_root=root, console=console)
+    res = run_bench(out, quick=True, zoo_root=root, console=console, seed=SEED)
     return out, {"results": res, "zoo_root": root, "console": console.export_text()}
+
+
+def _methods() -> list[str]:
+    from omnimerge.bench.runner import select_methods
+
+    return [m.name for m in select_methods(None)]
 
 
 def test_zoo_layout_and_calibration_record(quick_run: tuple[Path, dict]) -> None:
@@ -65,7 +73,8 @@ def test_results_files_have_the_right_shape(quick_run: tuple[Path, dict]) -> Non
     for _fam, fr in res["families"].items():
         names = [r["name"] for r in fr["rows"]]
         assert names[:3] == ["Base", "Individual experts", "Mixture training"]
-        assert sorted(names[3:]) == sorted(METHODS)
+        assert sorted(names[3:]) == sorted(_methods()) and len(names) > 10
+        assert [r for r in fr["rows"] if "failed" in r or "mean" not in r] == []  # every method merged, scored
         for r in fr["rows"]:
             assert set(r["scores"]) == set(TASKS)
             assert 0.0 <= r["mean"] <= 1.0 and r["mean_se"] >= 0.0
@@ -78,7 +87,10 @@ def test_results_files_have_the_right_shape(quick_run: tuple[Path, dict]) -> Non
         assert indiv["normalized"] == pytest.approx(1.0) or math.isnan(indiv["normalized"])
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * (3 + len(METHODS))
+    assert len(rows) == 2 * (3 + len(_methods()))
+    assert res["config"]["seed"] == SEED and res["failed_methods"] == []
+    dare = next(r for r in res["families"]["full"]["rows"] if r["name"] == "dare_ties")
+    assert "mean" in dare
     assert {"family", "method", "avg", "avg_se", "normalized", *TASKS} <= set(rows[0])
     md = (out / "results.md").read_text()
     assert md.count("| Method | λ |") == 2 and "task_arithmetic" in md and "± " in md
@@ -124,3 +136,82 @@ def test_row_normalised_accuracy_and_discrimination_check() -> None:
     weak = _row("w", "method", res([0.35] * 5), experts)
     bad = discrimination({"families": {"full": {"rows": [base, weak]}}})
     assert not bad["ok"] and "over the base" in bad["failures"][0]
+
+
+def test_calibration_shortfall_still_gives_a_full_run(quick_run: tuple[Path, dict], tmp_path_factory, monkeypatch
+                                                     ) -> None:
+    """A zoo whose experts miss the bar (forced: a 101-point bar) is kept and benched; the shortfall is in
+    results.json, results.md and the plots' titles, and printed; a method that fails is recorded with its error."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from omnimerge.bench import merging, runner
+    from omnimerge.bench.zoo import ZooConfig
+
+    real = merging.merge_to_dir
+
+    def broken_for_ties(recipe: dict, out: Path) -> str:
+        if recipe["merge_method"] == "ties":
+            raise ValueError("forced failure")
+        return real(recipe, out)
+
+    monkeypatch.setattr(merging, "merge_to_dir", broken_for_ties)
+    cfg = replace(ZooConfig.quick_config(SEED), quick=False, min_gain=1.01)  # full-mode reporting, quick sizes
+    root = quick_run[1]["zoo_root"].parent / "zoo-shortfall"  # beside the quick zoo: its models are reused
+    out = tmp_path_factory.mktemp("bench-shortfall")
+    console = Console(record=True, width=200)
+    res = runner.run_bench(out, methods=["task_arithmetic", "ties"], families=["full"], zoo_root=root,
+                           console=console, zoo_config=cfg, threads=1)
+    text = console.export_text()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["calibration_status"] == "shortfall" and not saved["zoo_calibration"]["ok"]
+    assert len(saved["zoo_calibration"]["failures"]) >= 10  # every expert misses a 101-point bar
+    assert "zoo calibration shortfall" in text and "gain over base on vqa" in text
+    assert "results carry warnings" in text
+    rows = {r["name"]: r for r in res["families"]["full"]["rows"]}
+    assert "mean" in rows["task_arithmetic"]  # the bench merged and scored regardless
+    assert rows["ties"]["failed"] == "ValueError: forced failure" and "skipped" not in rows["ties"]
+    assert saved["failed_methods"] == ["full/ties: ValueError: forced failure"]
+    assert "FAILED" in text and "forced failure" in text
+    md = (out / "results.md").read_text()
+    assert "Zoo calibration shortfall" in md and "**failed**: ValueError: forced failure" in md
+    assert (root / "zoo.json").exists()  # the zoo is kept (a rerun reuses it), not renamed away
+    from omnimerge.bench.report import calibration_note
+
+    assert calibration_note(saved).startswith("ZOO CALIBRATION SHORTFALL")
+
+
+def test_strict_mode_raises_after_writing(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from omnimerge.bench.runner import BenchCheckError, run_bench
+    from omnimerge.bench.zoo import ZooConfig, ZooError, build_zoo
+
+    cfg = replace(ZooConfig.quick_config(SEED), quick=False, min_gain=1.01)
+    root = quick_run[1]["zoo_root"].parent / "zoo-shortfall-strict"
+    with pytest.raises(ZooError, match="calibration failed .strict mode."):
+        build_zoo(cfg, root=root, console=Console(file=io.StringIO()), strict=True, threads=1)
+    assert (root / "zoo.json").exists()
+    out = tmp_path / "strict"
+    with pytest.raises(BenchCheckError):
+        # a quick zoo misses the calibration bar and the discrimination check: strict mode raises, results written
+        run_bench(out, methods=["task_arithmetic"], families=["full"], quick=True, zoo_root=quick_run[1]["zoo_root"],
+                  console=Console(file=io.StringIO()), seed=SEED, strict=True)
+    assert (out / "results.json").exists()
+
+
+def test_broken_cached_zoo_says_what_to_do(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from rich.console import Console
+
+    from omnimerge.bench.zoo import ZooConfig, ZooError, build_zoo
+
+    root = tmp_path / "zoo"
+    shutil.copytree(quick_run[1]["zoo_root"], root)
+    (root / "full" / "ocr" / "model.safetensors").unlink()
+    with pytest.raises(ZooError, match=r"is broken \(full/ocr/model.safetensors missing\).*--rebuild"):
+        build_zoo(ZooConfig.quick_config(SEED), root=root, console=Console(file=io.StringIO()))

@@ -46,25 +46,43 @@ def bench(
     rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the zoo even if a cached one matches"),
     suite: str = typer.Option("mini", "--suite", help="mini (the five capability tasks) or modality "
                               "(vision/audio/video experts on one LLM, and joint tasks)"),
+    seeds: str = typer.Option("0", "--seeds", help="zoo seeds, e.g. 0,1,2: one zoo per seed (each cached), "
+                              "results as mean ± s.d. over seeds in OUT, each seed's run in OUT/seed-<s>"),
+    strict: bool = typer.Option(False, "--strict", help="exit with status 2 if the zoo's calibration, the "
+                                "discrimination check or a method fails (the results are written first)"),
+    threads: int = typer.Option(0, "--threads", help="torch threads for training the zoo (default: min(2, "
+                                "cores)); float results may differ in the last bits with another count"),
 ) -> None:
     """Run the miniature MLLM merging benchmark (builds or reuses the zoo first)."""
     _env()
+    try:
+        from omnimerge.bench.seeds import parse_seeds
+
+        seed_list = parse_seeds(seeds)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    if threads < 0:
+        raise BenchError(f"--threads: expected a positive number of threads, got {threads}")
     if suite == "modality":
         from omnimerge.bench.modality_cli import bench_modality
 
-        bench_modality(out, _split(methods), quick, rebuild)
+        bench_modality(out, _split(methods), quick, rebuild, seeds=seed_list)
         return
     if suite != "mini":
-        raise typer.BadParameter(f"unknown suite {suite!r} (known: mini, modality)")
+        raise BenchError(f"--suite: unknown suite {suite!r} (known: mini, modality)")
     from omnimerge.bench.runner import run_bench
 
     console = _console()
-    try:
-        run_bench(out, methods=_split(methods), families=_split(families) or ["full", "lora"], quick=quick,
-                  rebuild=rebuild, console=console)
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
-    console.print(f"results written to {out}/ (results.json, results.csv, results.md, *.png)")
+    kw = dict(methods=_split(methods), families=_split(families) or ["full", "lora"], quick=quick,
+              rebuild=rebuild, strict=strict, threads=threads or None)
+    if len(seed_list) == 1:
+        run_bench(out, console=console, seed=seed_list[0], **kw)  # type: ignore[arg-type]
+    else:
+        from omnimerge.bench.seeds import run_mini_seeds
+
+        run_mini_seeds(out, seed_list, console, **kw)
+    console.print(f"results written to {out}/ (results.json, results.md, *.png"
+                  + (", results.csv)" if len(seed_list) == 1 else "; each seed's run in seed-<s>/)"))
 
 
 def eval_cmd(
@@ -111,18 +129,21 @@ zoo_app = typer.Typer(help="The benchmark's model zoo (base, experts, mixture mo
 def zoo_build(
     quick: bool = typer.Option(False, "--quick", help="the CI-size zoo"),
     rebuild: bool = typer.Option(False, "--rebuild", help="rebuild even if cached"),
+    seed: int = typer.Option(0, "--seed", min=0, help="the zoo's seed (data, initialisation, training)"),
+    strict: bool = typer.Option(False, "--strict", help="exit with status 2 if the calibration fails"),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads for training (default: min(2, cores))"),
 ) -> None:
     """Train (or reuse) the zoo and print its calibration matrix."""
     _env()
+    from omnimerge.bench.runner import print_shortfall
     from omnimerge.bench.zoo import ZooConfig, build_zoo, print_calibration
 
     console = _console()
-    cfg = ZooConfig.quick_config() if quick else ZooConfig()
-    try:
-        zoo = build_zoo(cfg, rebuild=rebuild, console=console)
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
+    cfg = ZooConfig.quick_config(seed) if quick else ZooConfig(seed=seed)
+    zoo = build_zoo(cfg, rebuild=rebuild, console=console, strict=strict, threads=threads or None)
     info = zoo.info()
+    if not info["calibration"]["ok"]:
+        print_shortfall(info["calibration"], console, quick=quick)
     if not zoo.built:  # a fresh build has printed it already
         print_calibration(info, console)
     t = info.get("timings", {})
@@ -130,13 +151,14 @@ def zoo_build(
 
 
 @zoo_app.command("info")
-def zoo_info(quick: bool = typer.Option(False, "--quick", help="the CI-size zoo")) -> None:
+def zoo_info(quick: bool = typer.Option(False, "--quick", help="the CI-size zoo"),
+             seed: int = typer.Option(0, "--seed", min=0, help="the zoo's seed")) -> None:
     """Where the zoo is cached, its config and calibration."""
     _env()
     from omnimerge.bench.zoo import Zoo, ZooConfig, print_calibration
 
     console = _console()
-    zoo = Zoo(ZooConfig.quick_config() if quick else ZooConfig())
+    zoo = Zoo(ZooConfig.quick_config(seed) if quick else ZooConfig(seed=seed))
     if not zoo.exists():
         raise BenchError(f"no zoo built at {zoo.root} (run `omnimerge zoo build{' --quick' if quick else ''}`)")
     print_calibration(zoo.info(), console)

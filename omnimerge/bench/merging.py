@@ -36,7 +36,11 @@ def has_core_merge() -> bool:
 
 def has_scaling(method: Any) -> bool:
     """A method has a lambda grid iff it declares a parameter named ``scaling``."""
-    return any(p.name == "scaling" for p in method.params)
+    return has_param(method, "scaling")
+
+
+def has_param(method: Any, name: str) -> bool:
+    return any(p.name == name for p in method.params)
 
 
 def make_recipe(
@@ -45,7 +49,6 @@ def make_recipe(
     experts: Sequence[str | Path],
     params: dict[str, Any] | None = None,
     select: dict[str, list[str]] | None = None,
-    seed: int = 0,
 ) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "base_model": str(base),
@@ -55,8 +58,6 @@ def make_recipe(
         "select": dict(select or DEFAULT_SELECT),
         "dtype": "float32",
     }
-    if seed:
-        recipe["seed"] = seed
     return recipe
 
 

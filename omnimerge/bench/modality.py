@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +284,8 @@ class SuiteSpec:
     quick: bool = False
 
     @staticmethod
-    def quick_spec() -> SuiteSpec:
-        return SuiteSpec(base_steps=30, expert_steps=10, n_val=16, n_test=24, quick=True)
+    def quick_spec(seed: int = 0) -> SuiteSpec:
+        return SuiteSpec(seed=seed, base_steps=30, expert_steps=10, n_val=16, n_test=24, quick=True)
 
     def key(self) -> str:
         blob = json.dumps({"version": 1, **asdict(self)}, sort_keys=True)
@@ -532,6 +532,9 @@ def build_zoo(spec: SuiteSpec, root: str | Path | None = None, rebuild: bool = F
     """Train (or reuse) the base and the three modality experts; save them with ``save_pretrained``."""
     import torch
 
+    from omnimerge.examples import _quiet_transformers
+
+    _quiet_transformers()
     root = Path(root) if root else cache_root() / spec.key()
     zoo = ModalityZoo(spec, root)
     if (root / "zoo.json").is_file() and not rebuild:
@@ -577,6 +580,7 @@ def run_modality_bench(
     log: Callable[[str], None] = print,
     zoo_root: str | Path | None = None,
     lambdas: Sequence[float] = (0.3, 0.5, 0.7, 1.0),
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Build/reuse the modality zoo, merge the three experts' LLMs with every method (``mode: modality``),
     evaluate the composite models; write results.json / results.csv / results.md / modality.png into ``out``."""
@@ -589,7 +593,7 @@ def run_modality_bench(
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = SuiteSpec.quick_spec() if quick else SuiteSpec()
+    spec = replace(SuiteSpec.quick_spec() if quick else SuiteSpec(), seed=seed)
     zoo = build_zoo(spec, zoo_root, rebuild, log)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     val = build_suite("validation", spec.n_val, spec.seed)

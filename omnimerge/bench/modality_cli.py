@@ -12,7 +12,8 @@ from pathlib import Path
 import typer
 
 
-def bench_modality(out: Path, methods: list[str] | None = None, quick: bool = False, rebuild: bool = False) -> None:
+def bench_modality(out: Path, methods: list[str] | None = None, quick: bool = False, rebuild: bool = False,
+                   seeds: list[int] | None = None) -> None:
     """Build (or reuse) the modality zoo, merge the vision/audio/video experts' LLMs with each method, evaluate
     every modality's tasks and the joint tasks; print the table, write results.{json,csv,md} and modality.png."""
     for k, v in (("OMP_WAIT_POLICY", "PASSIVE"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
@@ -24,7 +25,15 @@ def bench_modality(out: Path, methods: list[str] | None = None, quick: bool = Fa
     from omnimerge.bench.modality import markdown, run_modality_bench
 
     console = Console()
-    res = run_modality_bench(out, methods=methods, quick=quick, rebuild=rebuild, log=console.print)
+    seeds = seeds or [0]
+    if len(seeds) > 1:
+        from omnimerge.bench.seeds import modality_markdown, run_modality_seeds
+
+        agg = run_modality_seeds(out, seeds, console.print, methods=methods, quick=quick, rebuild=rebuild)
+        console.print(Markdown(modality_markdown(agg)))
+        console.print(f"results in {out} (each seed's run in seed-<s>/; {sum(agg['seconds']):.0f} s)")
+        return
+    res = run_modality_bench(out, methods=methods, quick=quick, rebuild=rebuild, log=console.print, seed=seeds[0])
     console.print(Markdown(markdown(res)))
     console.print(f"results in {out} ({res['seconds']:.0f} s)")
 
