@@ -10,28 +10,75 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from omnimerge.methods import registry
 from tests.conftest import GOLDEN, golden_root
+
+# The golden's second wave (../shared/golden/README.md) defines methods whose issues are still open. Until a
+# method is registered, its cases check what a user meets today (a one-line refusal naming the method, exit
+# status 2, nothing written); the moment it is registered under its name, its cases run against the golden like
+# every other (no edit here needed, and a stale entry fails below). A golden method in neither set fails.
+PENDING: dict[str, int] = {
+    **dict.fromkeys(
+        ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "breadcrumbs", "breadcrumbs_ties",
+         "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion", "linear", "pcb", "consensus",
+         "emr", "magmax", "lines", "cart", "svc"], 14),
+    **dict.fromkeys(["regmean", "fisher"], 17),
+}
 
 
 def _cases() -> list[Path]:
     return sorted(p.parent for p in GOLDEN.glob("*/*/case.json"))
 
 
-@pytest.mark.parametrize("case_dir", _cases(), ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_golden_case(case_dir: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
-    golden_root()
-    case = json.loads((case_dir / "case.json").read_text())
-    recipe = {
+def _recipe(case_dir: Path, case: dict) -> dict:
+    """The case as a user's recipe: per-model parameters and statistics go where the golden README says."""
+    models = []
+    for i, m in enumerate(case["models"]):
+        entry: dict = {"model": str((case_dir / m).resolve())}
+        if case.get("model_parameters"):
+            entry["parameters"] = case["model_parameters"][i]
+        if case.get("statistics"):
+            entry["statistics"] = str((case_dir / case["statistics"][i]).resolve())
+        models.append(entry)
+    return {
         "base_model": str((case_dir / case["base_model"]).resolve()),
-        "models": [{"model": str((case_dir / m).resolve())} for m in case["models"]],
+        "models": models,
         "merge_method": case["method"],
         "parameters": case["parameters"],
         "dtype": case.get("dtype", "float32"),
     }
+
+
+def test_pending_methods_are_golden_methods_not_yet_registered() -> None:
+    """Every pending entry names a method the golden defines and the registry lacks (a method that lands must
+    leave this list, so that its cases are compared with the golden)."""
+    golden_root()
+    golden_methods = {json.loads((d / "case.json").read_text())["method"] for d in _cases()}
+    registered = set(registry())
+    assert not set(PENDING) & registered, f"registered now, drop from PENDING: {sorted(set(PENDING) & registered)}"
+    unknown = golden_methods - registered - set(PENDING)
+    assert not unknown, f"golden methods neither registered nor pending: {sorted(unknown)}"
+    assert set(PENDING) <= golden_methods, f"pending but not in the golden: {sorted(set(PENDING) - golden_methods)}"
+
+
+@pytest.mark.parametrize("case_dir", _cases(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_golden_case(case_dir: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    golden_root()
+    case = json.loads((case_dir / "case.json").read_text())
+    recipe = _recipe(case_dir, case)
     rpath = tmp_path / "recipe.yaml"
     rpath.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "merged"
     res = cli("merge", rpath, "-o", out, "-q")
+    method = case["method"]
+    if method not in registry() and method in PENDING:
+        # not implemented yet (issue PENDING[method]): the user gets the one-line error and no output folder
+        assert res.code == 2, res.text
+        # (the data-aware ones are refused earlier, at the per-model `statistics` key the recipe lacks today)
+        said = f"unknown method '{method}'" in res.text or "statistics: unknown key" in res.text
+        assert said and len(res.text.strip().splitlines()) == 1, res.text
+        assert not out.exists(), "a refused merge must leave nothing behind"
+        return
     assert res.code == 0, res.text
     got = load_file(str(out / "model.safetensors"))
     expected = load_file(str(case_dir / case["expected"]))
