@@ -323,18 +323,22 @@ def modality_markdown(agg: dict[str, Any]) -> str:
     out = [f"# Modality suite over {n} seeds ({', '.join(map(str, seeds))})", "",
            "Mean ± standard deviation over seeds (accuracy %); *joint − best single* per seed: the row's joint "
            "score minus that seed's best single-modality expert on the joint tasks.", "",
-           "| model | " + " | ".join(TITLES[c] for c in COLUMNS) + " | joint − best single (per seed) | beats best "
-           "single on | λ per seed |", "|" + "---|" * (len(COLUMNS) + 4)]
+           "| model | " + " | ".join(TITLES[c] for c in COLUMNS) + " | joint per seed (± s.e.) | joint − best single "
+           "(per seed) | beats best single on | λ per seed |", "|" + "---|" * (len(COLUMNS) + 5)]
     out.append("| best single-modality expert | " + " | ".join(
-        f"{_pct(agg['best_single'][c]['mean'])} ± {_pct(agg['best_single'][c]['sd'])}" for c in COLUMNS) + " | | | |")
+        f"{_pct(agg['best_single'][c]['mean'])} ± {_pct(agg['best_single'][c]['sd'])}" for c in COLUMNS)
+        + " | " + ", ".join(_pct(v) for v in agg["best_single"]["joint"]["per_seed"]) + " | | | |")
     for r in agg["rows"]:
         if "error" in r:
-            out.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * (len(COLUMNS) + 2))
+            out.append(f"| {r['name']} | **failed**: {r['error'][:100]} |" + " |" * (len(COLUMNS) + 3))
             continue
         g = r["joint_minus_best_single"]
         cells = [f"{_pct(r['columns'][c]['mean'])} ± {_pct(r['columns'][c]['sd'])}" for c in COLUMNS]
-        lam = ", ".join("" if x is None else f"{x:g}" for x in r["lambda_per_seed"])
-        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {100 * g['mean']:+.1f} ± {100 * g['sd']:.1f} ("
+        lams = r["lambda_per_seed"]
+        lam = "–" if all(x is None for x in lams) else ", ".join("–" if x is None else f"{x:g}" for x in lams)
+        per = ", ".join(f"{_pct(m)} ± {_pct(se)}" for m, se in zip(r["columns"]["joint"]["per_seed"],
+                                                                   r["se_per_seed"]["joint"], strict=True))
+        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {per} | {100 * g['mean']:+.1f} ± {100 * g['sd']:.1f} ("
                    + ", ".join(f"{100 * v:+.1f}" for v in g["per_seed"]) + f") | {r['beats_best_single_seeds']}/{n} "
                    f"| {lam} |")
     merges = [r for r in agg["rows"] if r["kind"] in ("method", "online") and "error" not in r]
