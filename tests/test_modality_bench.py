@@ -21,8 +21,10 @@ def test_scenes_and_rendering() -> None:
     assert M.render_image(s).shape == (3, 32, 32)
     v = M.render_video(s)
     assert v.shape == (4, 3, 32, 32) and np.all(v[0] == -1.0) and not np.all(v[1] == -1.0)
-    eq = M.make_examples("joint_equal", "test", 10)
-    assert [e.answer("joint_equal") for e in eq] == ["yes", "no"] * 5
+    sc = M.Scene(3, True, 2, "red", "left", "circle", 5)
+    assert [sc.answer(t) for t in M.JOINT] == ["3 2", "3 left", "2 left"]
+    # every modality is in two of the three joint tasks, so each single expert lacks one modality in two of them
+    assert all(sum(m in M.TASKS[t][0] for t in M.JOINT) == 2 for m in M.MODALITIES)
     for t in M.TASKS:
         for sc in M.make_examples(t, "validation", 5):
             assert all(w in M.VOCAB for w in sc.answer(t).split())
