@@ -2,8 +2,10 @@
 
     >>> import omnimerge
     >>> report = omnimerge.merge("recipe.yaml", "merged/")          # doctest: +SKIP
+    >>> state = omnimerge.merge_state_dict("recipe.yaml")           # doctest: +SKIP  (in memory, no files)
 
-See :func:`omnimerge.merge`, :mod:`omnimerge.methods` (the registry), :mod:`omnimerge.components`.
+See :func:`omnimerge.merge`, :class:`omnimerge.Merger` (repeated merges in memory), :mod:`omnimerge.methods`
+(the registry), :mod:`omnimerge.components`, :class:`omnimerge.MergeOptions`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "load_recipe", "Recipe", "__version__"]
+__all__ = ["MergeOptions", "Merger", "Recipe", "__version__", "load_recipe", "merge", "merge_into",
+           "merge_state_dict"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import omnimerge` stays cheap (no torch import)
-    if name == "merge":
-        from omnimerge.api import merge
+    if name in ("merge", "Merger", "merge_state_dict", "merge_into"):
+        from omnimerge import api
 
-        return merge
+        return getattr(api, name)
+    if name == "MergeOptions":
+        from omnimerge.options import MergeOptions
+
+        return MergeOptions
     if name in ("load_recipe", "Recipe"):
         from omnimerge import recipe
 

@@ -81,6 +81,8 @@ def methods(
         m = get_method(name)
         out.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n[dim]{escape(m.paper)}[/] {m.url}\n")
         out.print(escape(m.doc) + "\n")
+        caps = m.capabilities.describe()
+        out.print(f"capabilities: {escape(', '.join(caps) if caps else 'whole tensors only')}\n")
         out.print(_param_table([m]))
         return
     for m in sorted(registry().values(), key=lambda m: m.name):

@@ -57,8 +57,9 @@ from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method
-from omnimerge.methods.ties import BLOCKWISE_MIN_NUMEL
+from omnimerge.options import MergeOptions
 from omnimerge.recipe import Recipe
+from omnimerge.sinks import ModelSink, Sink, StateDictSink
 
 #: elements per block in the fused elementwise path (the T + 2 float32 blocks stay in a core's L2 cache)
 FUSED_BLOCK = 1 << 16
@@ -99,7 +100,7 @@ class Job:
 class MergeReport:
     """What a merge did."""
 
-    output: Path
+    output: Path | None  # None: merged in memory
     method: str
     parameters: dict[str, Any]
     seconds: float
@@ -110,17 +111,26 @@ class MergeReport:
     shards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     components: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: with ``output: lora``: the merged adapter's rank and number of LoRA modules (else None / 0)
+    lora_rank: int | None = None
+    lora_modules: int = 0
+    lora_modules_to_save: list[str] = field(default_factory=list)
+    lora_relative_error: dict[str, float] = field(default_factory=dict)  # ||dW - BA||_F / ||dW||_F per kind
+    lora_module_errors: dict[str, float] = field(default_factory=dict)
+    #: per strategy, the number of merged tensors that took it (``fused``, ``from_weights``, ``blockwise``,
+    #: ``whole``)
+    strategies: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         mb = self.input_bytes / 1e6
-        lora = getattr(self, "lora_rank", None)
         what = (
-            f"merged {self.merged} tensors into a rank-{lora} PEFT adapter ({getattr(self, 'lora_modules', 0)} "
+            f"merged {self.merged} tensors into a rank-{self.lora_rank} PEFT adapter ({self.lora_modules} "
             f"LoRA modules)"
-            if lora is not None
+            if self.lora_rank is not None
             else f"merged {self.merged} tensors, copied {self.copied} from the base"
         )
-        return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {self.output}"
+        where = self.output if self.output is not None else "memory"
+        return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {where}"
 
 
 class _Budget:
@@ -168,35 +178,32 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 class MergeRun:
-    """One merge: built from a validated recipe, executed by :meth:`run`."""
+    """One merge: built from a validated recipe and :class:`MergeOptions`.
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        output: str | Path,
-        *,
-        overwrite: bool = False,
-        device: str | torch.device | None = None,
-        workers: int | None = None,
-        progress: bool = False,
-        echo: Callable[[str], None] | None = None,
-        check_finite: bool = True,
-        hash_inputs: bool | str = True,
-        use_kernels: bool = True,
-        sync: bool = True,
-    ) -> None:
+    :meth:`run` writes a checkpoint folder (``output``); :meth:`merge_into` streams the merge into any
+    :class:`~omnimerge.sinks.Sink` (memory included) with no files written. The parts other merges build on
+    (modality merging, the LoRA output, :class:`omnimerge.api.Merger`) are public: :meth:`open` /
+    :meth:`use_inputs`, :meth:`plan`, :meth:`global_stats`, :meth:`stream`, :meth:`whole_tensor_delta`,
+    :meth:`progress_iter`, :meth:`set_parameters`, :meth:`close`.
+    """
+
+    def __init__(self, recipe: Recipe, output: str | Path | None, options: MergeOptions | None = None) -> None:
+        o = options or MergeOptions()
+        self.options = o
         self.recipe = recipe
-        self.output = Path(output).expanduser().absolute()
-        self.overwrite = overwrite
-        self.device = _device(device)
-        self.workers = workers or min(4, os.cpu_count() or 1)
-        self.progress = progress
-        self.notes = _Notes(echo)
-        self.check_finite = check_finite
-        self.use_kernels = use_kernels  # compiled fused kernels where they apply (see omnimerge.kernels)
-        self.sync = sync  # fsync the output before it is committed
-        self.hash_algorithm = hash_algorithm(hash_inputs)  # None: no input digests in the model card
+        self.output = Path(output).expanduser().absolute() if output is not None else None
+        self.overwrite = o.overwrite
+        self.device = _device(o.device)
+        self.workers = o.workers or min(4, os.cpu_count() or 1)
+        self.progress = o.progress
+        self.notes = _Notes(o.echo)
+        self.check_finite = o.check_finite
+        self.use_kernels = o.use_kernels  # compiled fused kernels where they apply (see omnimerge.kernels)
+        self.sync = o.sync  # fsync the output before it is committed
+        self.strategy = o.strategy
+        self.hash_algorithm = hash_algorithm(o.hash_inputs)  # None: no input digests in the model card
         self.method: MergeMethod = get_method(recipe.merge_method)
+        self.caps = self.method.capabilities
         if self.method.output_kind == "online" and recipe.mode != "modality":  # see omnimerge.modality
             raise RecipeError(f"merge_method: '{self.method.name}' keeps the experts' adapters apart (no merged "
                               f"model); use it with mode: modality")
@@ -209,13 +216,39 @@ class MergeRun:
             raise RecipeError(f"shard_size: must be positive, got {recipe.shard_size!r}")
         if recipe.output == "lora" and recipe.rank is None:
             raise RecipeError("rank: required with output: lora (the rank of the merged adapter)")
-        if self.output.exists() and not overwrite:
+        if self.output is not None and self.output.exists() and not self.overwrite:
             raise OutputError(f"{self.output}: already exists (use --overwrite to replace it)")
         self.base: Checkpoint | None = None
         self.experts: list[ExpertSource] = []
+        self.files_src: Path | None = None
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+
+    def set_parameters(self, parameters: dict[str, Any] | None = None,
+                       model_parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Re-resolve the method's parameters for the next merge: ``parameters`` replace top-level values of the
+        recipe, ``model_parameters[i]`` those of expert i (checked as the recipe's are); returns them."""
+        top = {**self.recipe.parameters, **(parameters or {})}
+        per = [m.parameters for m in self.recipe.models]
+        if model_parameters is not None:
+            if len(model_parameters) != len(per):
+                raise RecipeError(f"model_parameters: {len(model_parameters)} entries for {len(per)} experts")
+            per = [{**a, **(b or {})} for a, b in zip(per, model_parameters, strict=True)]
+        self.kwargs = self.method.resolve(top, per)
+        return self.kwargs
 
     # -- opening and planning ---------------------------------------------------------------------------------
-    def _open(self) -> None:
+    def use_inputs(self, base: Checkpoint, experts: list[ExpertSource]) -> None:
+        """Merge from inputs opened by the caller (modality merging opens its experts itself)."""
+        self.base = base
+        self.experts = list(experts)
+        if self.files_src is None:
+            self.files_src = base.path
+
+    def open(self) -> None:
+        """Open the base and every expert (headers only; tensors are memory-mapped when read). Idempotent."""
+        if self.base is not None:
+            return
         r = self.recipe
         self.base = open_checkpoint(r.base_model, r.base_path)
         labels = []
@@ -227,7 +260,8 @@ class MergeRun:
             self.experts.append(open_expert(m.model, self.base, r.base_path, label))
         self.files_src = resolve_model_path(r.copy_files_from, r.base_path) if r.copy_files_from else self.base.path
 
-    def _plan(self) -> list[Job]:
+    def plan(self) -> list[Job]:
+        """One job per base tensor, in the base's file order: merged (selected) or copied."""
         assert self.base is not None
         jobs: list[Job] = []
         for name, meta in self.base.tensors.items():
@@ -296,6 +330,7 @@ class MergeRun:
             num_models=len(self.experts),
             factors=factors,
             stats=stats,
+            seed=int(self.kwargs.get("seed") or 0),
             log=self.notes,
         )
 
@@ -308,12 +343,12 @@ class MergeRun:
         return self.device.type == "cpu" and self._all_full()
 
     def _fusable(self) -> bool:
-        return bool(getattr(self.method.fn, "elementwise", False)) and self._streamable()
+        return self.caps.elementwise and self.strategy == "auto" and self._streamable()
 
     def _from_weights(self) -> Callable[..., torch.Tensor] | None:
         """The method's form over the experts' weights alone (see methods.base), if it has one and every expert
         is a full checkpoint: merged tensors are then computed without reading the base."""
-        fw = getattr(self.method.fn, "from_weights", None)
+        fw = self.caps.from_weights
         return fw if fw is not None and self._all_full() else None
 
     def _check_shape(self, got: torch.Tensor, want: Any, what: str) -> None:
@@ -407,7 +442,7 @@ class MergeRun:
         finally:
             torch.set_num_threads(threads)
 
-    def _merge_job_fused(self, job: Job, writer: ShardedWriter) -> bool:
+    def _merge_job_fused(self, job: Job, writer: Sink) -> bool:
         """Elementwise methods from full checkpoints: stream the tensor in cache-sized blocks (read from the
         page cache, convert, subtract, merge, add, convert, write each block) instead of making full-size
         float32 copies. Every element goes through exactly the operations of the whole-tensor path, so the
@@ -420,7 +455,7 @@ class MergeRun:
         base_raw, raws, mapped = inputs
         ctx = self._context(job, None, None)
         n, cd = raws[0].numel(), self.compute_dtype
-        linear = getattr(self.method.fn, "linear", None)
+        linear = self.caps.linear
         form = linear(self.kwargs) if linear is not None and self.use_kernels else None
         kernel = None
         dtypes = [r.dtype for r in raws] + ([base_raw.dtype] if base_raw is not None else [])
@@ -465,8 +500,8 @@ class MergeRun:
         """Start loading the compiled kernels in the background if streamed jobs will use them."""
         if not self.use_kernels:
             return
-        linear = getattr(self.method.fn, "linear", None)
-        ties = getattr(getattr(self.method.fn, "blockwise", None), "compiled", None) == "ties"
+        linear = self.caps.linear
+        ties = self.caps.blockwise is not None and self.caps.compiled == "ties"
         if not ((linear is not None and linear(self.kwargs) is not None) or ties):
             return
         job = next((j for j in jobs if j.streaming), None)
@@ -476,12 +511,13 @@ class MergeRun:
 
     def _blockwise(self, job: Job) -> Any:
         """The method's block-wise implementation if this job can use it, else None."""
-        bw = getattr(self.method.fn, "blockwise", None)
-        if bw is None or job.meta.numel < BLOCKWISE_MIN_NUMEL or not self._streamable():
+        bw = self.caps.blockwise
+        if (bw is None or self.strategy != "auto" or job.meta.numel < self.caps.blockwise_min_numel
+                or not self._streamable()):
             return None
         return bw
 
-    def _merge_job_blockwise(self, job: Job, writer: ShardedWriter, stats: Any, bw: Any) -> bool:
+    def _merge_job_blockwise(self, job: Job, writer: Sink, stats: Any, bw: Any) -> bool:
         """Methods with a ``blockwise`` implementation (TIES, DARE-TIES) from full checkpoints: statistics sweeps
         over cache-sized blocks, a merge sweep that writes each block, then the amended entries (see
         :class:`omnimerge.methods.ties.TiesBlockwise`). Working memory is a few blocks plus what the method keeps
@@ -503,7 +539,7 @@ class MergeRun:
         with self._one_thread_per_worker():
             state = bw.begin(ctx, n, self.kwargs, sample)
             kern = None
-            if self.use_kernels and getattr(bw, "compiled", None) == "ties" and TiesBlocks.supports(
+            if self.use_kernels and self.caps.compiled == "ties" and TiesBlocks.supports(
                     state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
                 kern = TiesBlocks(state, job.out_dtype, min(n, KERNEL_CHUNK))
             while bw.wants_sweep(state):
@@ -572,22 +608,39 @@ class MergeRun:
                 if name is not None:
                     src.ckpt.prefetch(name)
 
-    def _merge_job(self, job: Job, writer: ShardedWriter, stats: Any) -> None:
+    def strategy_counts(self) -> dict[str, int]:
+        """Per strategy, how many merged tensors took it in the last merge (see :meth:`_merge_job`)."""
+        with self._counts_lock:
+            return dict(sorted(self._counts.items()))
+
+    def _count(self, strategy: str) -> None:
+        with self._counts_lock:
+            self._counts[strategy] = self._counts.get(strategy, 0) + 1
+
+    def _merge_job(self, job: Job, writer: Sink, stats: Any) -> None:
+        """Merge one tensor into the sink by the first strategy that applies (each gives the same bits):
+        block-streamed for elementwise methods, from the experts' weights alone, the method's streamed
+        implementation, else whole. A streamed attempt that meets a non-finite value falls back to the whole
+        tensor, which reports it."""
         if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
+            self._count("fused")
             return
         fw = self._from_weights()
         if fw is not None:
             writer.write(job.name, self._merged_from_weights(job, fw).to(job.out_dtype))
+            self._count("from_weights")
             return
         bw = self._blockwise(job)
         if bw is not None and self._merge_job_blockwise(job, writer, stats, bw):
+            self._count("blockwise")
             return
-        base, delta = self._whole_tensor_delta(job, stats)
+        base, delta = self.whole_tensor_delta(job, stats)
         out = base.add_(delta)
         del delta
         writer.write(job.name, out.to(job.out_dtype))
+        self._count("whole")
 
-    def _whole_tensor_delta(self, job: Job, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def whole_tensor_delta(self, job: Job, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The base tensor and the method's delta for it (in the base's compute dtype), whole."""
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)
@@ -596,7 +649,7 @@ class MergeRun:
         self._check_shape(delta, base.shape, f"tensor '{job.name}'")
         return base, delta.to(base.dtype)
 
-    def _copy_job(self, job: Job, writer: ShardedWriter) -> None:
+    def _copy_job(self, job: Job, writer: Sink) -> None:
         assert self.base is not None
         raw = self.base.raw_source(job.name)
         if raw is not None and job.out_dtype == job.meta.dtype:
@@ -604,20 +657,23 @@ class MergeRun:
         else:
             writer.write(job.name, self.base.read(job.name).to(job.out_dtype))
 
-    def _global_stats(self, jobs: list[Job]) -> Any:
+    def global_stats(self, jobs: list[Job]) -> Any:
+        """The method's global pass over the merged tensors (None if it has none or this configuration does not
+        need it)."""
         gp = self.method.global_pass
         if gp is None or not gp.needed(self.kwargs):
             return None
         merged = [j for j in jobs if j.merged]
         state = gp.init(len(self.experts), self.kwargs)
         for p in range(gp.passes):
-            for job in self._progress_iter(merged, f"global pass {p + 1}/{gp.passes}"):
+            for job in self.progress_iter(merged, f"global pass {p + 1}/{gp.passes}"):
                 _base, tvs, factors = self._inputs(job)
                 gp.update(p, state, tvs, self._context(job, factors, None))
             gp.finish(p, state)
         return gp.result(state)
 
-    def _progress_iter(self, jobs: list[Job], label: str):  # type: ignore[no-untyped-def]
+    def progress_iter(self, jobs: list[Job], label: str):  # type: ignore[no-untyped-def]
+        """``jobs``, with a progress bar labelled ``label`` when progress is on."""
         if not self.progress:
             yield from jobs
             return
@@ -631,30 +687,86 @@ class MergeRun:
                 prog.advance(t)
 
     # -- the run ------------------------------------------------------------------------------------------------
+    def _prepare(self) -> list[Job]:
+        """Open the inputs, plan, validate the experts against the plan; the jobs."""
+        self.open()
+        assert self.base is not None
+        jobs = self.plan()
+        self._preload_kernels(jobs)
+        selected = [j.name for j in jobs if j.merged]
+        for src in self.experts:
+            for note in src.validate(self.base, selected):
+                self.notes(note)
+        return jobs
+
+    def _report(self, jobs: list[Job], seconds: float, shard_files: list[Path]) -> MergeReport:
+        return MergeReport(
+            output=self.output,
+            method=self.method.name,
+            parameters=dict(self.kwargs),
+            seconds=seconds,
+            merged=sum(j.merged for j in jobs),
+            copied=sum(not j.merged for j in jobs),
+            input_bytes=self._input_bytes(jobs),
+            output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
+            shards=[p.name for p in shard_files],
+            notes=list(self.notes.seen),
+            components=_component_counts(jobs),
+            strategies=self.strategy_counts(),
+        )
+
+    def merge_into(self, sink: Sink | str = "memory", *, model: Any = None, only_merged: bool = False,
+                   device: str | torch.device | None = None) -> tuple[MergeReport, Any]:
+        """Merge without writing files: into ``sink`` (any :class:`~omnimerge.sinks.Sink`), or ``"memory"``: a new
+        state dict (on ``device``, default the compute device), or the tensors of ``model`` (a loaded model, on any
+        device). ``only_merged``: skip the tensors copied from the base (a model loaded from the base already holds
+        them: repeated merges into it write only what changes). The inputs stay open for the next merge (call
+        :meth:`close` when done). Returns the report and the sink (a :class:`StateDictSink`'s ``tensors`` are the
+        state dict)."""
+        if self.recipe.output != "full":
+            raise RecipeError("output: lora merges write a PEFT adapter folder; merge in memory with output: full")
+        t0 = time.perf_counter()
+        self._counts = {}
+        jobs = self._prepare()
+        run_jobs = [j for j in jobs if j.merged] if only_merged else jobs
+        plan = [(j.name, j.out_dtype, j.meta.shape) for j in run_jobs]
+        if isinstance(sink, str):
+            if sink != "memory":
+                raise RecipeError(f"sink: 'memory' or a Sink object, got {sink!r}")
+            assert self.base is not None
+            sink = (ModelSink(model, plan, {j.name: j.canonical for j in run_jobs}) if model is not None
+                    else StateDictSink(plan, device or self.device))
+        try:
+            stats = self.global_stats(jobs)
+            self.stream(run_jobs, sink, stats)
+            sink.finish()
+        finally:
+            sink.close()
+        return self._report(jobs, time.perf_counter() - t0, []), sink
+
     def run(self) -> MergeReport:
+        """Merge into the output folder (a Hugging Face checkpoint, or a PEFT adapter with ``output: lora``),
+        atomically: on failure nothing is left at the output path."""
+        if self.output is None:
+            raise OutputError("no output folder given (merge in memory with merge_into)")
         t0 = time.perf_counter()
         hasher: FileHasher | None = None
         writer: ShardedWriter | None = None
         with AtomicOutput(self.output, self.overwrite) as output:
             try:
-                self._open()
-                assert self.base is not None
-                jobs = self._plan()
-                self._preload_kernels(jobs)
-                selected = [j.name for j in jobs if j.merged]
-                for src in self.experts:
-                    for note in src.validate(self.base, selected):
-                        self.notes(note)
-                inputs = [("base", self.recipe.base_model, self.base.files + self._configs(self.base.path))]
+                jobs = self._prepare()
+                assert self.base is not None and self.files_src is not None
+                inputs = [("base", self.recipe.base_model, self.base.files + self.config_files(self.base.path))]
                 inputs += [(f"expert {s.label}", s.ref, s.input_files()) for s in self.experts]
                 if self.hash_algorithm:
                     hasher = FileHasher([f for _, _, fs in inputs for f in fs], algorithm=self.hash_algorithm).start()
-                stats = self._global_stats(jobs)
+                stats = self.global_stats(jobs)
                 tmp = output.folder()
+                lora: dict[str, Any] = {}
                 if self.recipe.output == "lora":
-                    from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output sink
+                    from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output
 
-                    report_extra = write_lora_output(self, jobs, tmp, stats)
+                    lora = write_lora_output(self, jobs, tmp, stats)
                     shard_files: list[Path] = []
                 else:
                     writer = ShardedWriter(
@@ -664,32 +776,22 @@ class MergeRun:
                         metadata={"omnimerge_method": self.method.name},
                         sync=self.sync,
                     )
-                    self._stream(jobs, writer, stats)
-                    shard_files = writer.finalize()
+                    self.stream(jobs, writer, stats)
+                    shard_files = writer.finish()
                     writer = None
-                    report_extra = {}
                 out_dtype_name = self.recipe.out_dtype if self.recipe.output == "full" else None
                 copy_auxiliary(self.base.path, tmp, out_dtype_name)
                 if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
                     copy_auxiliary(self.files_src, tmp, out_dtype_name)
                 if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
                     (tmp / "config.json").unlink(missing_ok=True)
-                seconds = time.perf_counter() - t0
-                report = MergeReport(
-                    output=self.output,
-                    method=self.method.name,
-                    parameters={k: v for k, v in self.kwargs.items()},
-                    seconds=seconds,
-                    merged=sum(j.merged for j in jobs),
-                    copied=sum(not j.merged for j in jobs),
-                    input_bytes=self._input_bytes(jobs),
-                    output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
-                    shards=[p.name for p in shard_files],
-                    notes=list(self.notes.seen),
-                    components=_component_counts(jobs),
-                )
-                for k, v in report_extra.items():
-                    setattr(report, k, v)
+                report = self._report(jobs, time.perf_counter() - t0, shard_files)
+                if lora:
+                    report.lora_rank, report.lora_modules = int(lora["lora_rank"]), int(lora["lora_modules"])
+                    report.lora_modules_to_save = list(lora["lora_modules_to_save"])
+                    report.lora_relative_error = dict(lora["lora_relative_error"])
+                    report.lora_module_errors = dict(lora["lora_module_errors"])
+                    report.shards, report.output_bytes = list(lora["shards"]), int(lora["output_bytes"])
                 digests = hasher.join() if hasher else {}
                 card_inputs = [
                     (role, ref, [(Path(f).name, digests.get(str(f), "not hashed")) for f in files])
@@ -708,7 +810,8 @@ class MergeRun:
                 self.close()
 
     @staticmethod
-    def _configs(folder: Path) -> list[Path]:
+    def config_files(folder: Path) -> list[Path]:
+        """The config files of a model folder that identify it (hashed into the model card)."""
         return [p for p in (folder / "config.json",) if p.is_file()]
 
     def _input_bytes(self, jobs: list[Job]) -> int:
@@ -719,7 +822,8 @@ class MergeRun:
             total += sum(f.stat().st_size for f in src.input_files() if f.suffix != ".json")
         return total
 
-    def _stream(self, jobs: list[Job], writer: ShardedWriter, stats: Any) -> None:
+    def stream(self, jobs: list[Job], writer: Sink, stats: Any) -> None:
+        """Run ``jobs`` (merge or copy) into ``writer`` on the worker threads under the memory budget."""
         # jobs run together while their costs fit: at least the largest alone, and as many streamed jobs as
         # there are workers (their cost is a few blocks: tying them to the largest whole-tensor cost serialised them)
         streamed = sorted((j.cost for j in jobs if j.streaming), reverse=True)[: self.workers]
@@ -806,10 +910,13 @@ class MergeRun:
                 prog.stop()
 
     def close(self) -> None:
+        """Close every input (a later merge opens them again)."""
         for s in self.experts:
             s.close()
         if self.base is not None:
             self.base.close()
+        self.experts = []
+        self.base = None
 
 
 def _component_counts(jobs: list[Job]) -> dict[str, dict[str, int]]:

@@ -195,7 +195,7 @@ class TiesBlocks:
         self.flags: np.ndarray | None = None
         self.alt: np.ndarray | None = None
         self.use_drop = st.drop_rate > 0.0
-        self.keys = np.array([dare_key(st.ctx, i) for i in range(T)] if self.use_drop else [(0, 0, 0)] * T,
+        self.keys = np.array([dare_key(st.ctx, i, st.seed) for i in range(T)] if self.use_drop else [(0, 0, 0)] * T,
                              dtype=np.int64)
         self.dthr = round(st.drop_rate * 2.0**32)
         self.dscale = float(np.float32(1.0 / (1.0 - st.drop_rate))) if self.use_drop else 1.0

@@ -65,7 +65,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,7 @@ from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter
 from omnimerge.components import classify
 from omnimerge.engine import DTYPES, Job, MergeReport, MergeRun
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
+from omnimerge.options import MergeOptions
 from omnimerge.recipe import Recipe
 
 #: Largest accepted relative distance ||W_expert - W0|| / ||W0|| of a selected LLM tensor (first and last one).
@@ -196,10 +196,19 @@ class _Output:
 
 
 class _Fanout:
-    """Writes each merged tensor into every output under that output's own name."""
+    """A :class:`~omnimerge.sinks.Sink` that writes each merged tensor into every output under that output's own
+    name, each output casting to its own dtype (the engine sends the compute dtype: no double rounding). The
+    outputs' writers are finished by the modality merge itself, which also writes what each output carries."""
 
     def __init__(self, outputs: list[_Output]) -> None:
         self.outputs = outputs
+
+    def _writers(self) -> list[tuple[ShardedWriter, _Output]]:
+        out = []
+        for o in self.outputs:
+            assert o.writer is not None
+            out.append((o.writer, o))
+        return out
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         for o in self.outputs:
@@ -208,10 +217,25 @@ class _Fanout:
 
     def write_part(self, name: str, part: torch.Tensor, start: int, last: bool) -> None:
         """The engine's block-by-block path (elementwise methods): each output casts to its own dtype."""
-        for o in self.outputs:
-            assert o.writer is not None
+        for w, o in self._writers():
             out_name = o.replaced[name]
-            o.writer.write_part(out_name, part.to(o.writer.planned[out_name].dtype), start, last)
+            w.write_part(out_name, part.to(w.planned[out_name].dtype), start, last)
+
+    def patch(self, name: str, index: Any, values: torch.Tensor) -> None:
+        """The streamed TIES path's amended entries (majority sign known only at the end), in every output."""
+        for w, o in self._writers():
+            out_name = o.replaced[name]
+            w.patch(out_name, index, values.to(w.planned[out_name].dtype))
+
+    def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        raise OutputError(f"tensor '{name}': the modality merge writes only merged tensors through the engine "
+                          f"(each output carries its other tensors itself)")
+
+    def finish(self) -> list[Path]:
+        return []  # each output's writer is finished with what it carries (see _ModalityMerge.run)
+
+    def close(self) -> None:
+        return None
 
 
 @dataclass
@@ -229,20 +253,7 @@ class ModalityReport(MergeReport):
 
 
 # --- the merge --------------------------------------------------------------------------------------------------------
-def merge_modalities(
-    recipe: Recipe,
-    output: str | Path,
-    *,
-    overwrite: bool = False,
-    device: str | None = None,
-    workers: int | None = None,
-    progress: bool = False,
-    echo: Callable[[str], None] | None = None,
-    check_finite: bool = True,
-    hash_inputs: bool | str = True,
-    use_kernels: bool = True,
-    sync: bool = True,
-) -> ModalityReport:
+def merge_modalities(recipe: Recipe, output: str | Path, options: MergeOptions | None = None) -> ModalityReport:
     """Merge the language models of modality experts that share the base's LLM (see the module docstring).
 
     Writes ``output/<label>/`` (one loadable checkpoint per expert architecture, each with the merged LLM and the
@@ -252,8 +263,7 @@ def merge_modalities(
     """
     if recipe.output != "full":
         raise RecipeError("output: only 'full' is supported with mode: modality (one checkpoint per modality)")
-    run = MergeRun(recipe, output, overwrite=overwrite, device=device, workers=workers, progress=progress,
-                   echo=echo, check_finite=check_finite, hash_inputs=hash_inputs, use_kernels=use_kernels, sync=sync)
+    run = MergeRun(recipe, output, options)
     if run.method.output_kind == "online":
         return _OnlineComposition(run).run()
     return _ModalityMerge(run).run()
@@ -288,7 +298,7 @@ class _ModalityMerge:
 
     def _plan(self) -> list[Job]:
         run = self.run_
-        jobs = [j for j in run._plan() if j.merged]
+        jobs = [j for j in run.plan() if j.merged]
         for j in jobs:
             if j.component in EXPERT_SPECIFIC:
                 raise RecipeError(
@@ -415,9 +425,9 @@ class _ModalityMerge:
 
     # -- the run --------------------------------------------------------------------------------------------------
     def _start_hashing(self, base: Checkpoint) -> None:
-        self.inputs = [("base", self.recipe.base_model, base.files + MergeRun._configs(base.path))]
+        self.inputs = [("base", self.recipe.base_model, base.files + MergeRun.config_files(base.path))]
         for ex in self.experts:
-            files = list(ex.model.files) + MergeRun._configs(ex.model.path)
+            files = list(ex.model.files) + MergeRun.config_files(ex.model.path)
             if ex.adapter is not None:
                 files = ex.adapter.input_files() + files
             self.inputs.append((f"expert {ex.label}", ex.ref, files))
@@ -437,7 +447,7 @@ class _ModalityMerge:
         with AtomicOutput(self.output, run.overwrite) as output:
             try:
                 base = self._open_base()
-                run.base = base
+                run.use_inputs(base, [])
                 self._open_experts()
                 jobs = self._plan()
                 self._validate(base, jobs)
@@ -446,7 +456,7 @@ class _ModalityMerge:
                     run.notes("copy_files_from is ignored in mode: modality (each output keeps its expert's files)")
                 self._group({j.canonical for j in jobs})
                 self._start_hashing(base)
-                stats = run._global_stats(jobs)
+                stats = run.global_stats(jobs)
                 tmp = output.folder()
                 for o in self.outputs:
                     self._plan_output(o, jobs, merged=True)
@@ -454,11 +464,11 @@ class _ModalityMerge:
                     o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
                                              metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
                 carried = {o.label: self._carry(o) for o in self.outputs}
-                run._stream(jobs, _Fanout(self.outputs), stats)  # type: ignore[arg-type]
+                run.stream(jobs, _Fanout(self.outputs), stats)
                 shards: dict[str, list[str]] = {}
                 for o in self.outputs:
                     assert o.writer is not None
-                    shards[o.label] = [p.name for p in o.writer.finalize()]
+                    shards[o.label] = [p.name for p in o.writer.finish()]
                     o.writer = None
                 report = self._finish(tmp, jobs, carried, shards, t0)
                 output.commit()
@@ -480,13 +490,14 @@ class _ModalityMerge:
     def _open_experts_sources(self, base: Checkpoint) -> None:
         from omnimerge.checkpoint.sources import FullSource
 
-        run = self.run_
+        sources: list[Any] = []
         for ex in self.experts:
             if ex.kind == "full":
-                run.experts.append(FullSource(ex.model, ex.label))
+                sources.append(FullSource(ex.model, ex.label))
             else:
                 assert ex.adapter is not None
-                run.experts.append(ex.adapter.source)  # type: ignore[arg-type]
+                sources.append(ex.adapter.source)
+        self.run_.use_inputs(base, sources)
 
     def _close(self) -> None:
         self.run_.close()  # closes the base and the engine's sources (FullSource closes its checkpoint)
@@ -519,7 +530,7 @@ class _ModalityMerge:
         manifest = self._manifest(jobs, outputs, digests, seconds)
         report = ModalityReport(
             output=self.output, method=run.method.name, parameters=dict(run.kwargs), seconds=seconds,
-            merged=len(jobs), copied=sum(carried.values()),
+            merged=len(jobs), copied=sum(carried.values()), strategies=run.strategy_counts(),
             input_bytes=sum(j.meta.nbytes for j in jobs) * (1 + len(self.experts)),
             output_bytes=sum(_plan_bytes(o.plan) for o in self.outputs), notes=list(run.notes.seen),
             outputs=outputs, manifest=manifest,
@@ -577,7 +588,7 @@ class _OnlineComposition(_ModalityMerge):
         with AtomicOutput(self.output, run.overwrite) as output:
             try:
                 base = self._open_base()
-                run.base = base
+                run.use_inputs(base, [])
                 self._open_experts()
                 for ex in self.experts:
                     if ex.adapter is None:
@@ -606,7 +617,7 @@ class _OnlineComposition(_ModalityMerge):
                     o.writer = ShardedWriter(tmp / o.label, o.plan, run.shard_bytes, sync=run.sync,
                                              metadata={"omnimerge_method": run.method.name, "omnimerge_mode": "modality"})
                     carried[o.label] = self._carry(o)
-                    shards[o.label] = [p.name for p in o.writer.finalize()]
+                    shards[o.label] = [p.name for p in o.writer.finish()]
                     o.writer = None
                 report = self._finish(tmp, [], carried, shards, t0)
                 report.merged = 0

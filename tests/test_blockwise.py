@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import omnimerge
-import omnimerge.engine as engine
 from omnimerge.checkpoint.writer import ShardedWriter
 from omnimerge.methods import TensorContext
 from omnimerge.methods import ties as ties_mod
@@ -98,10 +97,10 @@ def _run(models: Path, tmp: Path, recipe: dict, name: str, **kw) -> dict[str, to
 
 
 def _whole(models: Path, tmp: Path, recipe: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
-    with monkeypatch.context() as m:
-        m.setattr(engine, "BLOCKWISE_MIN_NUMEL", 1 << 62)
-        m.setattr(engine.MergeRun, "_fusable", lambda self: False)
-        return _run(models, tmp, recipe, "whole")
+    """The reference: every tensor merged whole (no block streaming), chosen through the strategy option."""
+    report = omnimerge.merge(recipe, tmp / "whole", hash_inputs=False, strategy="whole")
+    assert set(report.strategies) <= {"whole", "from_weights"}, report.strategies
+    return load_file(str(tmp / "whole" / "model.safetensors"))
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -200,25 +199,26 @@ def test_streamed_ties_reports_non_finite_input(models: Path, tmp_path: Path) ->
 
 
 def test_dare_masks_do_not_depend_on_blocks() -> None:
-    ctx = TensorContext(name="w", seed=11)
+    ctx = TensorContext(name="w")
     n = 200_003
-    whole = ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3)
-    parts = torch.cat([ties_mod.dare_multiplier(ctx, 0, s, min(n, s + 65536) - s, 0.3) for s in range(0, n, 65536)])
+    whole = ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3, seed=11)
+    parts = torch.cat([ties_mod.dare_multiplier(ctx, 0, s, min(n, s + 65536) - s, 0.3, seed=11) for s in range(0, n, 65536)])
     assert torch.equal(whole, parts)
     pos = np.array([0, 17, 65535, 65536, 199_999, 200_002], dtype=np.int64)
-    assert torch.equal(ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=pos), whole[torch.from_numpy(pos)])
+    assert torch.equal(ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=pos, seed=11), whole[torch.from_numpy(pos)])
     assert set(whole.unique().tolist()) == {0.0, float(np.float32(1.0 / 0.7))}
     assert abs(float((whole == 0).float().mean()) - 0.3) < 0.005
     # experts and tensors draw different masks; positions past 2^32 are keyed by their high word too
-    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 1, 0, n, 0.3))
-    assert not torch.equal(whole, ties_mod.dare_multiplier(TensorContext(name="v", seed=11), 0, 0, n, 0.3))
-    far = ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32))
+    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 1, 0, n, 0.3, seed=11))
+    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3, seed=12))
+    assert not torch.equal(whole, ties_mod.dare_multiplier(TensorContext(name="v"), 0, 0, n, 0.3, seed=11))
+    far = ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32), seed=11)
     assert not torch.equal(whole, far) and abs(float((far == 0).float().mean()) - 0.3) < 0.005
     # across 2^32 too: a block that straddles it gives each entry the mask it has in any other block
     edge = (1 << 32) - 1000
-    span = ties_mod.dare_multiplier(ctx, 0, edge, 3000, 0.3)
-    assert torch.equal(span[:1000], ties_mod.dare_multiplier(ctx, 0, edge, 1000, 0.3))
-    assert torch.equal(span[1000:], ties_mod.dare_multiplier(ctx, 0, 1 << 32, 2000, 0.3))
+    span = ties_mod.dare_multiplier(ctx, 0, edge, 3000, 0.3, seed=11)
+    assert torch.equal(span[:1000], ties_mod.dare_multiplier(ctx, 0, edge, 1000, 0.3, seed=11))
+    assert torch.equal(span[1000:], ties_mod.dare_multiplier(ctx, 0, 1 << 32, 2000, 0.3, seed=11))
     # neighbouring entries are independent: the joint keep rate of (j, j+1) is (1 - p)^2
     k = (whole != 0).float()
     assert abs(float((k[1:] * k[:-1]).mean()) - 0.49) < 0.005
@@ -230,14 +230,14 @@ def test_compiled_dare_masks_past_two_to_the_32() -> None:
     from omnimerge import kernels
 
     assert kernels.available()
-    ctx = TensorContext(name="w", seed=4)
+    ctx = TensorContext(name="w")
     n, start, p = 5000, (1 << 32) - 2000, 0.35
-    keys = np.array([ties_mod.dare_key(ctx, i) for i in range(2)], dtype=np.int64)
+    keys = np.array([ties_mod.dare_key(ctx, i, 4) for i in range(2)], dtype=np.int64)
     tv = np.ones((2, n), np.float32)
     assert kernels._kernels()["prepare"](tv, n, start, keys, round(p * 2.0**32), float(np.float32(1 / (1 - p))),
                                          True)  # type: ignore[index]
     for i in range(2):
-        assert torch.equal(torch.from_numpy(tv[i]), ties_mod.dare_multiplier(ctx, i, start, n, p))
+        assert torch.equal(torch.from_numpy(tv[i]), ties_mod.dare_multiplier(ctx, i, start, n, p, seed=4))
     assert 0.3 < float((tv == 0).mean()) < 0.4
 
 

@@ -130,6 +130,20 @@ def test_unknown_parameter(tmp_path: Path, family: Path, cli) -> None:  # type: 
     assert_clean_failure(res, out, "'densty'", "ties")
 
 
+def test_weights_summing_to_zero(tmp_path: Path, family: Path, cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """weight_average divides by sum_i w_i: a zero sum is refused in one line before any tensor is read (it
+    was a bare ValueError per tensor, a traceback at the CLI)."""
+    import omnimerge.engine as engine
+
+    models = [{"model": str(family / f"expert{i}"), "parameters": {"weight": w}} for i, w in enumerate([1, -1.5, 0.5])]
+    started: list[int] = []
+    monkeypatch.setattr(engine.MergeRun, "open", lambda self: started.append(1))
+    out = tmp_path / "out"
+    res = cli("merge", recipe(tmp_path, family, merge_method="weight_average", parameters={}, models=models), "-o", out)
+    assert_clean_failure(res, out, "weight_average", "[1.0, -1.5, 0.5] sums to zero")
+    assert not started, "the recipe must be refused before the inputs are opened"
+
+
 @pytest.mark.parametrize("density", [0, 1.5, -0.1, "abc"])
 def test_density_out_of_range(tmp_path: Path, family: Path, cli, density) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"

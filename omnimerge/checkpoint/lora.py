@@ -8,7 +8,7 @@ adapter acts, never by merging the A and B factors separately:
 * a LoRA module: ``tau = s * B @ A`` with ``s = lora_alpha / r`` (``use_rslora``: ``lora_alpha / sqrt(r)``),
   ``r`` and ``lora_alpha`` taken per module from ``rank_pattern`` / ``alpha_pattern`` with peft's matching rule;
   embedding LoRA (``lora_embedding_A/B``) and ``fan_in_fan_out`` layers use ``tau = s * (B @ A)^T``. The exact
-  factors go to the merge method as :class:`~omnimerge.methods.base.LowRank` (spectral methods take their SVD
+  factors go to the merge method as :class:`~omnimerge.types.LowRank` (spectral methods take their SVD
   from them);
 * DoRA: ``tau = m / ||W0 + s B A||_row * (W0 + s B A) - W0`` (the magnitude vector renormalises every output
   row, as peft merges it); exact, dense, no factors;
@@ -54,7 +54,7 @@ import torch
 from omnimerge.checkpoint.names import canonical_name
 from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, read_json
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
-from omnimerge.methods.base import LowRank
+from omnimerge.types import LowRank
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -738,8 +738,8 @@ def write_lora_output(run: Any, jobs: list[Any], tmp_dir: Path, stats: Any) -> d
     out = _LoraOut(rank)
     merged_jobs = [j for j in jobs if j.merged]
     refused: list[str] = []
-    for job in run._progress_iter(merged_jobs, "merging (LoRA output)"):
-        base_t, delta = run._whole_tensor_delta(job, stats)
+    for job in run.progress_iter(merged_jobs, "merging (LoRA output)"):
+        base_t, delta = run.whole_tensor_delta(job, stats)
         if not bool(delta.any()):
             out.zero += 1
             continue
@@ -765,7 +765,7 @@ def write_lora_output(run: Any, jobs: list[Any], tmp_dir: Path, stats: Any) -> d
         for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
             out.tensors.pop(f"{PEFT_PREFIX}{module}{suffix}", None)
         out.stats.pop(module, None)
-        base_t, delta = run._whole_tensor_delta(job, stats)
+        base_t, delta = run.whole_tensor_delta(job, stats)
         out.full[module]["weight"] = base_t.add_(delta).to(job.out_dtype).contiguous()
         run.notes(
             f"output: lora: module '{module}' changed beyond its weight (rank-{r} LoRA), so the adapter stores it "

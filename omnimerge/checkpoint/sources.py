@@ -13,7 +13,7 @@ import torch
 
 from omnimerge.checkpoint.reader import Checkpoint, is_adapter_dir, resolve_model_path
 from omnimerge.errors import CheckpointError, TensorMismatchError
-from omnimerge.methods.base import LowRank
+from omnimerge.types import LowRank
 
 
 class ExpertSource(Protocol):

@@ -347,6 +347,10 @@ class ShardedWriter:
             self._flusher.wrote(shard, nbytes)
 
     # -- finishing ---------------------------------------------------------------------------------------------
+    def finish(self) -> list[Path]:
+        """The :class:`~omnimerge.sinks.Sink` name of :meth:`finalize`."""
+        return self.finalize()
+
     def finalize(self) -> list[Path]:
         """Check that every planned tensor was written, flush, close; write the index for sharded output."""
         self._stop_flusher()

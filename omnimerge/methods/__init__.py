@@ -18,6 +18,7 @@ from omnimerge.methods import (
     wudi,  # noqa: E402,F401  wudi, optmerge, swudi, aswudi
 )
 from omnimerge.methods.base import (
+    Capabilities,
     GlobalPass,
     LowRank,
     MergeMethod,
@@ -28,6 +29,7 @@ from omnimerge.methods.base import (
 )
 
 __all__ = [
+    "Capabilities",
     "GlobalPass",
     "LowRank",
     "MergeMethod",

@@ -10,15 +10,12 @@ if it has one): the engine writes ``W = W0 + delta``. Methods know nothing of fi
 of the output. The task vectors are the method's own (fresh tensors the engine does not use again): it may
 work in them in place; ``base`` is read-only.
 
-Optional attributes of the function let the engine run it faster with the same result: ``elementwise`` (it may be
-merged block by block), ``linear`` (a compiled fused kernel applies), ``blockwise`` (a streamed implementation,
-TIES) and ``from_weights``: the method as a function ``fn(weights, ctx, **params) -> W`` of the experts' weights
-alone, returning the merged weight; the engine uses it when every expert is a full checkpoint and then does not
-read the base for merged tensors (weight averaging).
-
-A method is declared with :func:`merge_method`, which records its hyper-parameters (:class:`Param`), its paper
-and its summary; adding a method takes one file and one line in :mod:`omnimerge.methods` (the import that runs
-the decorator).
+A method is declared with :func:`merge_method`, which records its hyper-parameters (:class:`Param`), its paper,
+its summary and its :class:`Capabilities`: what else the engine may do with it and get the same result (merge it
+block by block, run a compiled kernel, use a streamed implementation, compute it from the experts' weights
+alone). The engine chooses how to run a method from these declarations only. Adding a method takes one file and
+one line in :mod:`omnimerge.methods` (the import that runs the decorator). Methods never write into the
+:class:`TensorContext` they are given.
 """
 
 from __future__ import annotations
@@ -32,6 +29,10 @@ from typing import Any
 import torch
 
 from omnimerge.errors import MethodParameterError
+from omnimerge.types import LowRank
+
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "TensorContext", "merge_method",
+           "registry"]
 
 ParamValue = float | int | str | bool | None
 
@@ -115,30 +116,6 @@ class Param:
         return v
 
 
-@dataclass(frozen=True)
-class LowRank:
-    """An exact low-rank factorisation of a task vector: ``tau = scale * B @ A`` (B: m x r, A: r x n).
-
-    Given for LoRA inputs, so that spectral methods can take the SVD from the factors (QR of B and A^T, then an
-    r x r SVD) instead of from the dense m x n matrix.
-    """
-
-    B: torch.Tensor
-    A: torch.Tensor
-    scale: float = 1.0
-
-    def dense(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale
-
-    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Thin SVD of ``scale * B @ A`` from the factors: ``U`` m x r, ``S`` r, ``Vh`` r x n (exact)."""
-        qb, rb = torch.linalg.qr(self.B)
-        qa, ra = torch.linalg.qr(self.A.T)
-        core = (rb @ ra.T) * self.scale
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
-        return qb @ u, s, vh @ qa.T
-
-
 @dataclass
 class TensorContext:
     """What a method may know about the parameter it merges, besides the tensors themselves.
@@ -212,6 +189,45 @@ MethodFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What the engine may do with a method besides calling ``fn`` on whole tensors; each gives the same bits.
+
+    Attributes:
+        elementwise: each output entry depends only on the same entry of the inputs (and a NaN/Inf in any task
+            vector reaches the delta): the engine may merge the tensor block by block (``ctx.offset`` is the
+            flat index of the block's first entry).
+        linear: ``linear(params) -> (c, op) | None``: for these parameters the delta is ``op(sum_i tau_i, c)``
+            with op ``"mul"``, ``"div"`` or ``"none"``, so a compiled fused kernel with the same float32
+            operations applies; None where the form does not hold (e.g. non-unit weights).
+        from_weights: the method as ``fn(weights, ctx, **params) -> W`` of the experts' weights alone (the
+            merged weight, not a delta): used when every expert is a full checkpoint; the base is then not read.
+        blockwise: a streamed implementation (see :class:`omnimerge.methods.ties.TiesBlockwise` for the
+            protocol) used for tensors of at least ``blockwise_min_numel`` entries.
+        compiled: the name of the compiled kernel family that runs the streamed implementation (``"ties"``).
+    """
+
+    elementwise: bool = False
+    linear: Callable[[Mapping[str, Any]], tuple[float, str] | None] | None = None
+    from_weights: MethodFn | None = None
+    blockwise: Any = None
+    blockwise_min_numel: int = 1 << 18
+    compiled: str | None = None
+
+    def describe(self) -> list[str]:
+        """The declared capabilities in words (for ``omnimerge methods``)."""
+        out = []
+        if self.elementwise:
+            out.append("streams block by block")
+        if self.linear is not None:
+            out.append("compiled linear kernel")
+        if self.from_weights is not None:
+            out.append("computed from the experts' weights alone")
+        if self.blockwise is not None:
+            out.append("streamed implementation" + (f" (compiled: {self.compiled})" if self.compiled else ""))
+        return out
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: its function, declared parameters and provenance."""
 
@@ -224,6 +240,9 @@ class MergeMethod:
     global_pass: GlobalPass | None = None
     #: "dense" (the default: one merged model) or "online" (keeps the experts' adapters apart; see modality).
     output_kind: str = "dense"
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    #: a check of the resolved parameters taken together (raises MethodParameterError), run before any work
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
     @property
     def doc(self) -> str:
@@ -272,6 +291,8 @@ class MergeMethod:
                 out[p.name] = tuple(vals)
             else:
                 out[p.name] = top
+        if self.check is not None:
+            self.check(out)
         return out
 
 
@@ -287,6 +308,8 @@ def merge_method(
     url: str = "",
     global_pass: GlobalPass | None = None,
     output_kind: str = "dense",
+    capabilities: Capabilities | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as merge method ``name`` (decorator)."""
 
@@ -302,6 +325,8 @@ def merge_method(
             url=url,
             global_pass=global_pass,
             output_kind=output_kind,
+            capabilities=capabilities or Capabilities(),
+            check=check,
         )
         return fn
 

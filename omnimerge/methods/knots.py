@@ -203,8 +203,7 @@ def knots(
     if u is not None and u.shape[1] == 0:
         return torch.zeros_like(tv0)
     if drop_rate > 0.0:
-        ctx.seed = seed
-        coords = [dare_(c, drop_rate, ctx, i) for i, c in enumerate(coords)]
+        coords = [dare_(c, drop_rate, ctx, i, seed=seed) for i, c in enumerate(coords)]
     if merge == "task_arithmetic":
         merged = weighted_sum(coords, weight)
     else:

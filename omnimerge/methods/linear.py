@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from omnimerge.methods.base import Param, TensorContext, merge_method, scaling_param
+from omnimerge.errors import MethodParameterError
+from omnimerge.methods.base import Capabilities, Param, TensorContext, merge_method, scaling_param
 
 WEIGHT = Param("weight", 1.0, "per-model weight w_i", float, per_model=True)
 
@@ -25,26 +27,11 @@ def weighted_sum(
     return acc
 
 
-@merge_method(
-    "weight_average",
-    params=[WEIGHT],
-    summary="Average of the experts' weights: W = sum_i w_i W_i / sum_i w_i.",
-    paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
-    url="https://arxiv.org/abs/2203.05482",
-)
-def weight_average(
-    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float]
-) -> torch.Tensor:
-    """Weighted average of the experts.
-
-    W = sum_i w_i W_i / sum_i w_i, i.e. delta = sum_i w_i tau_i / sum_i w_i (uniform weights: the mean task
-    vector). No lambda. OptMerge paper, Table 2/3 "Weight Average" (MLLMerging baseline_merging.py).
-    """
+def _sum_weights(weight: Sequence[float]) -> float:
     total = float(sum(weight))
-    if total == 0.0:
-        raise ValueError("weight_average: the per-model weights sum to zero")
-    acc = weighted_sum(task_vectors, weight, inplace=True)
-    return acc.div_(total)
+    if total == 0.0:  # the recipe is checked before any work (check_weight_sum); this guards direct calls
+        raise MethodParameterError("weight_average: the per-model weights sum to zero (the average is undefined)")
+    return total
 
 
 def weight_average_of_weights(
@@ -58,23 +45,51 @@ def weight_average_of_weights(
     reference's output bit for bit (W0 + mean tau_i differs from it by float32 rounding, ~1 ulp).
     ``weights`` are fresh tensors in the compute dtype; returns the merged **weight**, not a delta.
     """
-    total = float(sum(weight))
-    if total == 0.0:
-        raise ValueError("weight_average: the per-model weights sum to zero")
+    total = _sum_weights(weight)
     return weighted_sum(weights, weight, inplace=True).div_(total)
 
 
-# ``from_weights``: the method as a function of the experts' weights alone (W, not a delta), which the engine
-# prefers when every expert is a full checkpoint (then the base is not read for merged tensors)
-weight_average.from_weights = weight_average_of_weights  # type: ignore[attr-defined]
-# ``elementwise``: the engine may merge it block by block (each output element depends only on the same element
-# of the inputs, and a NaN/Inf in any task vector reaches the delta)
-weight_average.elementwise = True  # type: ignore[attr-defined]
-# ``linear``: delta = op(sum_i tau_i) for these parameters (None: not of that form); the engine may then run a
-# compiled fused kernel with the same float32 operations (omnimerge.kernels). Unit weights only: torch's
-# add(alpha=w) can fuse a multiply-add that a plain kernel would not reproduce bit for bit.
-weight_average.linear = lambda kw: (float(sum(kw["weight"])), "div") if all(  # type: ignore[attr-defined]
-    w == 1.0 for w in kw["weight"]) else None
+def _average_linear(kw: Mapping[str, Any]) -> tuple[float, str] | None:
+    """delta = (sum_i tau_i) / T for unit weights. Unit weights only: torch's add(alpha=w) can fuse a
+    multiply-add that a plain kernel would not reproduce bit for bit."""
+    return (float(sum(kw["weight"])), "div") if all(w == 1.0 for w in kw["weight"]) else None
+
+
+def _task_arithmetic_linear(kw: Mapping[str, Any]) -> tuple[float, str] | None:
+    """delta = lambda sum_i tau_i for unit weights (see _average_linear)."""
+    if not all(w == 1.0 for w in kw["weight"]):
+        return None
+    return float(kw["scaling"]), "mul" if kw["scaling"] != 1.0 else "none"
+
+
+def check_weight_sum(params: Mapping[str, Any]) -> None:
+    """Before any work: weight averaging divides by sum_i w_i, which must not be zero."""
+    if float(sum(params["weight"])) == 0.0:
+        raise MethodParameterError(
+            f"models[].parameters: weight_average divides by the sum of the per-model weights, and "
+            f"{list(params['weight'])} sums to zero")
+
+
+@merge_method(
+    "weight_average",
+    params=[WEIGHT],
+    summary="Average of the experts' weights: W = sum_i w_i W_i / sum_i w_i.",
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+    url="https://arxiv.org/abs/2203.05482",
+    capabilities=Capabilities(elementwise=True, linear=_average_linear, from_weights=weight_average_of_weights),
+    check=check_weight_sum,
+)
+def weight_average(
+    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float]
+) -> torch.Tensor:
+    """Weighted average of the experts.
+
+    W = sum_i w_i W_i / sum_i w_i, i.e. delta = sum_i w_i tau_i / sum_i w_i (uniform weights: the mean task
+    vector). No lambda. OptMerge paper, Table 2/3 "Weight Average" (MLLMerging baseline_merging.py).
+    """
+    total = _sum_weights(weight)
+    acc = weighted_sum(task_vectors, weight, inplace=True)
+    return acc.div_(total)
 
 
 @merge_method(
@@ -83,6 +98,7 @@ weight_average.linear = lambda kw: (float(sum(kw["weight"])), "div") if all(  # 
     summary="Task arithmetic: W = W0 + lambda * sum_i w_i tau_i.",
     paper="Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv 2212.04089)",
     url="https://arxiv.org/abs/2212.04089",
+    capabilities=Capabilities(elementwise=True, linear=_task_arithmetic_linear),
 )
 def task_arithmetic(
     base: torch.Tensor,
@@ -101,7 +117,3 @@ def task_arithmetic(
     return acc.mul_(scaling) if scaling != 1.0 else acc
 
 
-task_arithmetic.elementwise = True  # type: ignore[attr-defined]  # see weight_average.elementwise
-task_arithmetic.linear = lambda kw: (  # type: ignore[attr-defined]  # see weight_average.linear
-    (float(kw["scaling"]), "mul" if kw["scaling"] != 1.0 else "none") if all(w == 1.0 for w in kw["weight"])
-    else None)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimerge.methods.base import GlobalPass, Param, TensorContext, merge_method, scaling_param
+from omnimerge.methods.base import Capabilities, GlobalPass, Param, TensorContext, merge_method, scaling_param
 from omnimerge.methods.linear import WEIGHT, weighted_sum
 
 DENSITY = Param(
@@ -163,9 +163,10 @@ def _disjoint_mean(weighted: Sequence[torch.Tensor], weight: Sequence[float], si
 _M32 = 0xFFFFFFFF
 
 
-def dare_key(ctx: TensorContext, i: int) -> tuple[int, int, int]:
-    """The (odd multiplier, offset, high-word key) of expert ``i``'s DARE mask in this tensor."""
-    d = hashlib.sha256(f"dare:{ctx.seed}:{ctx.canonical or ctx.name}:{i}".encode()).digest()
+def dare_key(ctx: TensorContext, i: int, seed: int) -> tuple[int, int, int]:
+    """The (odd multiplier, offset, high-word key) of expert ``i``'s DARE mask in this tensor, for the method's
+    ``seed`` parameter (given explicitly: methods do not write into the context)."""
+    d = hashlib.sha256(f"dare:{int(seed)}:{ctx.canonical or ctx.name}:{i}".encode()).digest()
     return int.from_bytes(d[0:4], "little") | 1, int.from_bytes(d[4:8], "little"), int.from_bytes(d[8:12], "little")
 
 
@@ -201,7 +202,8 @@ _ARANGE: dict[int, np.ndarray] = {}
 
 
 def dare_multiplier(
-    ctx: TensorContext, i: int, start: int, count: int, drop_rate: float, positions: np.ndarray | None = None
+    ctx: TensorContext, i: int, start: int, count: int, drop_rate: float, positions: np.ndarray | None = None,
+    *, seed: int,
 ) -> torch.Tensor:
     """Expert ``i``'s DARE factor for entries ``[start, start + count)`` of the flattened tensor (or for
     ``positions``): 0 where dropped, ``1 / (1 - p)`` where kept (float32)."""
@@ -211,7 +213,7 @@ def dare_multiplier(
             base = _ARANGE.setdefault(count, np.arange(count, dtype=np.int64)) if count <= 1 << 20 else \
                 np.arange(count, dtype=np.int64)
         positions = base + start
-    h = _dare_hash(positions, dare_key(ctx, i))
+    h = _dare_hash(positions, dare_key(ctx, i, seed))
     thr = round(drop_rate * 2.0**32)
     keep = np.greater_equal(h, np.uint32(thr)) if thr <= _M32 else np.zeros(h.shape, dtype=bool)
     mult = keep.view(np.uint8).astype(np.float32)
@@ -220,12 +222,12 @@ def dare_multiplier(
 
 
 def dare_(tv: torch.Tensor, drop_rate: float, ctx: TensorContext, i: int, start: int = 0,
-          positions: np.ndarray | None = None) -> torch.Tensor:
+          positions: np.ndarray | None = None, *, seed: int) -> torch.Tensor:
     """Drop each entry with probability p and scale the survivors by exactly 1/(1-p), in place. ``tv`` holds
     the flat entries ``[start, start + numel)`` of expert ``i``'s task vector (or the entries ``positions``)."""
     if drop_rate <= 0.0:
         return tv
-    mult = dare_multiplier(ctx, i, start, tv.numel(), drop_rate, positions)
+    mult = dare_multiplier(ctx, i, start, tv.numel(), drop_rate, positions, seed=seed)
     if tv.dtype != torch.float32 or tv.device.type != "cpu":
         mult = mult.to(device=tv.device, dtype=tv.dtype)
     # x * (keep / (1 - p)): one rounding, the same bits as (x * keep) * (1 / (1 - p))
@@ -267,8 +269,8 @@ class GlobalTiesPass(GlobalPass):
         params = state["params"]
         drop = params.get("drop_rate", 0.0) or 0.0
         if drop > 0.0:
-            ctx.seed = params["seed"]
-            task_vectors = [dare_(tv.clone(), drop, ctx, i) for i, tv in enumerate(task_vectors)]
+            seed = params["seed"]
+            task_vectors = [dare_(tv.clone(), drop, ctx, i, seed=seed) for i, tv in enumerate(task_vectors)]
         if p == 0:
             state["n"] += task_vectors[0].numel()
             for i, tv in enumerate(task_vectors):
@@ -317,115 +319,6 @@ class GlobalTiesPass(GlobalPass):
 _GLOBAL_TIES = GlobalTiesPass()
 
 
-def _ties(
-    task_vectors: Sequence[torch.Tensor],
-    ctx: TensorContext,
-    density: float,
-    granularity: str,
-    weight: Sequence[float],
-) -> torch.Tensor:
-    if granularity == "global":
-        stats = ctx.stats
-        thresholds = stats["threshold"]
-        majority = stats["majority"]
-    else:
-        thresholds = [magnitude_threshold(tv, density) for tv in task_vectors]
-        majority = None
-    trimmed = [trim_(tv, th) for tv, th in zip(task_vectors, thresholds, strict=True)]
-    return disjoint_merge(trimmed, weight, majority)
-
-
-@merge_method(
-    "ties",
-    params=[scaling_param(0.3), DENSITY, GRANULARITY, WEIGHT],
-    summary="TIES: trim to the top-density magnitudes, elect signs, mean of the agreeing entries.",
-    paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv 2306.01708)",
-    url="https://arxiv.org/abs/2306.01708",
-    global_pass=_GLOBAL_TIES,
-)
-def ties(
-    base: torch.Tensor,
-    task_vectors: Sequence[torch.Tensor],
-    ctx: TensorContext,
-    *,
-    scaling: float,
-    density: float,
-    granularity: str,
-    weight: Sequence[float],
-) -> torch.Tensor:
-    """TIES-Merging.
-
-    1. Trim: t_i = tau_i * [|tau_i| >= kthvalue(|tau_i|, int((1 - density) N))].
-    2. Elect: s = sign(sum_i w_i t_i); s = 0 entries take the majority sign sign(sum s).
-    3. Disjoint mean: tau_m = sum_{i: sign(t_i) = s} w_i t_i / sum_{i: sign(t_i) = s} w_i.
-    W = W0 + lambda tau_m. ``granularity: tensor`` computes the threshold and majority sign per tensor (OptMerge's
-    Qwen2-VL script, ``baseline_merging.py``); ``global`` over all merged parameters of each expert (its InternVL
-    script, the TIES paper), exactly, by a radix-select pre-pass.
-    """
-    merged = _ties(task_vectors, ctx, density, granularity, weight)
-    return merged.mul_(scaling)
-
-
-@merge_method(
-    "dare_ta",
-    params=[scaling_param(0.3), DROP_RATE, SEED, WEIGHT],
-    summary="DARE + task arithmetic: random drop with rate p, survivors x 1/(1-p), then sum.",
-    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-    url="https://arxiv.org/abs/2311.03099",
-)
-def dare_ta(
-    base: torch.Tensor,
-    task_vectors: Sequence[torch.Tensor],
-    ctx: TensorContext,
-    *,
-    scaling: float,
-    drop_rate: float,
-    seed: int,
-    weight: Sequence[float],
-) -> torch.Tensor:
-    """DARE followed by task arithmetic.
-
-    tau_i' = tau_i * m_i / (1 - p), m_i ~ Bernoulli(1 - p) elementwise (counter-based masks keyed by
-    (seed, tensor name, i): see the module docstring); W = W0 + lambda sum_i w_i tau_i'. Paper default p = 0.2
-    (MLLMerging ``weight_mask_rate``). With p = 0 it equals task arithmetic exactly.
-    """
-    ctx.seed = seed
-    dropped = [dare_(tv, drop_rate, ctx, i, ctx.offset) for i, tv in enumerate(task_vectors)]
-    return weighted_sum(dropped, weight, inplace=True).mul_(scaling)
-
-
-@merge_method(
-    "dare_ties",
-    params=[scaling_param(0.3), DROP_RATE, DENSITY, GRANULARITY, SEED, WEIGHT],
-    summary="DARE + TIES: random drop and rescale, then TIES trimming, sign election and disjoint mean.",
-    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-    url="https://arxiv.org/abs/2311.03099",
-    global_pass=_GLOBAL_TIES,
-)
-def dare_ties(
-    base: torch.Tensor,
-    task_vectors: Sequence[torch.Tensor],
-    ctx: TensorContext,
-    *,
-    scaling: float,
-    drop_rate: float,
-    density: float,
-    granularity: str,
-    seed: int,
-    weight: Sequence[float],
-) -> torch.Tensor:
-    """DARE followed by TIES.
-
-    Each tau_i is first DARE-masked (drop rate p, survivors x 1/(1-p), per-tensor seeded), then merged by TIES
-    with ``density`` (see ``ties``). All experts are masked (the released Qwen2-VL script passed only the last
-    expert to TIES: a bug not reproduced here). With p = 0 it equals TIES exactly.
-    """
-    ctx.seed = seed
-    dropped = [dare_(tv, drop_rate, ctx, i) for i, tv in enumerate(task_vectors)]
-    merged = _ties(dropped, ctx, density, granularity, weight)
-    return merged.mul_(scaling)
-
-
 # --- block-wise TIES / DARE-TIES (the engine streams a tensor in blocks) --------------------------------------------
 
 #: tensors smaller than this are merged whole (the block machinery would not pay off)
@@ -463,6 +356,7 @@ class TiesBlockState:
     thresholds: list[float | None]
     majority: float | None
     brackets: list[_Bracket | None]
+    seed: int = 0  # DARE's seed parameter (the masks' key)
     signsum: int = 0
     # the majority sign predicted from the sample, then from the sign sum so far: undecided entries are merged
     # with it as they stream, and amended afterwards only where it differs from the tensor's majority
@@ -504,9 +398,6 @@ class TiesBlockwise:
     guess are amended (``fixups``).
     """
 
-    #: the engine may run the sweeps and the merge with omnimerge.kernels.TiesBlocks (same operations, compiled)
-    compiled = "ties"
-
     def begin(
         self,
         ctx: TensorContext,
@@ -515,12 +406,11 @@ class TiesBlockwise:
         sample: Callable[[np.ndarray], list[torch.Tensor]],
     ) -> TiesBlockState:
         drop = float(params.get("drop_rate", 0.0) or 0.0)
-        if drop > 0.0:
-            ctx.seed = int(params["seed"])
         weight = tuple(float(w) for w in params["weight"])
         T = len(weight)
         st = TiesBlockState(ctx, numel, float(params["density"]), weight, float(params["scaling"]), drop,
-                            trim_count(numel, float(params["density"])), [None] * T, None, [None] * T)
+                            trim_count(numel, float(params["density"])), [None] * T, None, [None] * T,
+                            seed=int(params.get("seed") or 0))
         if params.get("granularity") == "global":
             st.thresholds = list(ctx.stats["threshold"])
             st.majority = float(ctx.stats["majority"])
@@ -536,7 +426,7 @@ class TiesBlockwise:
         lo_i, hi_i = int(q * m - margin), int(q * m + margin) + 1
         for i, tv in enumerate(tvs):
             if drop > 0.0:
-                dare_(tv, drop, ctx, i, positions=pos)
+                dare_(tv, drop, ctx, i, positions=pos, seed=st.seed)
             srt = np.sort(np.abs(_np(tv)))
             st.brackets[i] = _Bracket(float(srt[lo_i]) if lo_i >= 0 else None,
                                       float(srt[hi_i]) if hi_i < m else None)
@@ -554,7 +444,7 @@ class TiesBlockwise:
     def _prepare(self, st: TiesBlockState, start: int, tvs: list[torch.Tensor]) -> list[torch.Tensor]:
         if st.drop_rate > 0.0:
             for i, tv in enumerate(tvs):
-                dare_(tv, st.drop_rate, st.ctx, i, start)
+                dare_(tv, st.drop_rate, st.ctx, i, start, seed=st.seed)
         return tvs
 
     def sweep(self, st: TiesBlockState, start: int, tvs: list[torch.Tensor]) -> None:
@@ -656,6 +546,116 @@ class TiesBlockwise:
 
 
 _BLOCKWISE = TiesBlockwise()
-ties.blockwise = _BLOCKWISE  # type: ignore[attr-defined]
-dare_ties.blockwise = _BLOCKWISE  # type: ignore[attr-defined]
-dare_ta.elementwise = True  # type: ignore[attr-defined]  # counter-based masks: any block, same entries
+#: TIES and DARE-TIES stream block by block (TiesBlockwise), whose sweeps and merge also run compiled
+#: (omnimerge.kernels.TiesBlocks: the same float32 operations)
+_TIES_STREAMED = Capabilities(blockwise=_BLOCKWISE, blockwise_min_numel=BLOCKWISE_MIN_NUMEL, compiled="ties")
+
+
+def _ties(
+    task_vectors: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    density: float,
+    granularity: str,
+    weight: Sequence[float],
+) -> torch.Tensor:
+    if granularity == "global":
+        stats = ctx.stats
+        thresholds = stats["threshold"]
+        majority = stats["majority"]
+    else:
+        thresholds = [magnitude_threshold(tv, density) for tv in task_vectors]
+        majority = None
+    trimmed = [trim_(tv, th) for tv, th in zip(task_vectors, thresholds, strict=True)]
+    return disjoint_merge(trimmed, weight, majority)
+
+
+@merge_method(
+    "ties",
+    params=[scaling_param(0.3), DENSITY, GRANULARITY, WEIGHT],
+    summary="TIES: trim to the top-density magnitudes, elect signs, mean of the agreeing entries.",
+    paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv 2306.01708)",
+    url="https://arxiv.org/abs/2306.01708",
+    global_pass=_GLOBAL_TIES,
+    capabilities=_TIES_STREAMED,
+)
+def ties(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    scaling: float,
+    density: float,
+    granularity: str,
+    weight: Sequence[float],
+) -> torch.Tensor:
+    """TIES-Merging.
+
+    1. Trim: t_i = tau_i * [|tau_i| >= kthvalue(|tau_i|, int((1 - density) N))].
+    2. Elect: s = sign(sum_i w_i t_i); s = 0 entries take the majority sign sign(sum s).
+    3. Disjoint mean: tau_m = sum_{i: sign(t_i) = s} w_i t_i / sum_{i: sign(t_i) = s} w_i.
+    W = W0 + lambda tau_m. ``granularity: tensor`` computes the threshold and majority sign per tensor (OptMerge's
+    Qwen2-VL script, ``baseline_merging.py``); ``global`` over all merged parameters of each expert (its InternVL
+    script, the TIES paper), exactly, by a radix-select pre-pass.
+    """
+    merged = _ties(task_vectors, ctx, density, granularity, weight)
+    return merged.mul_(scaling)
+
+
+@merge_method(
+    "dare_ta",
+    params=[scaling_param(0.3), DROP_RATE, SEED, WEIGHT],
+    summary="DARE + task arithmetic: random drop with rate p, survivors x 1/(1-p), then sum.",
+    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+    url="https://arxiv.org/abs/2311.03099",
+    capabilities=Capabilities(elementwise=True),  # counter-based masks: any block draws the same entries
+)
+def dare_ta(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    scaling: float,
+    drop_rate: float,
+    seed: int,
+    weight: Sequence[float],
+) -> torch.Tensor:
+    """DARE followed by task arithmetic.
+
+    tau_i' = tau_i * m_i / (1 - p), m_i ~ Bernoulli(1 - p) elementwise (counter-based masks keyed by
+    (seed, tensor name, i): see the module docstring); W = W0 + lambda sum_i w_i tau_i'. Paper default p = 0.2
+    (MLLMerging ``weight_mask_rate``). With p = 0 it equals task arithmetic exactly.
+    """
+    dropped = [dare_(tv, drop_rate, ctx, i, ctx.offset, seed=seed) for i, tv in enumerate(task_vectors)]
+    return weighted_sum(dropped, weight, inplace=True).mul_(scaling)
+
+
+@merge_method(
+    "dare_ties",
+    params=[scaling_param(0.3), DROP_RATE, DENSITY, GRANULARITY, SEED, WEIGHT],
+    summary="DARE + TIES: random drop and rescale, then TIES trimming, sign election and disjoint mean.",
+    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+    url="https://arxiv.org/abs/2311.03099",
+    global_pass=_GLOBAL_TIES,
+    capabilities=_TIES_STREAMED,
+)
+def dare_ties(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    scaling: float,
+    drop_rate: float,
+    density: float,
+    granularity: str,
+    seed: int,
+    weight: Sequence[float],
+) -> torch.Tensor:
+    """DARE followed by TIES.
+
+    Each tau_i is first DARE-masked (drop rate p, survivors x 1/(1-p), per-tensor seeded), then merged by TIES
+    with ``density`` (see ``ties``). All experts are masked (the released Qwen2-VL script passed only the last
+    expert to TIES: a bug not reproduced here). With p = 0 it equals TIES exactly.
+    """
+    dropped = [dare_(tv, drop_rate, ctx, i, seed=seed) for i, tv in enumerate(task_vectors)]
+    merged = _ties(dropped, ctx, density, granularity, weight)
+    return merged.mul_(scaling)
