@@ -24,11 +24,12 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,15 @@ from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method
+from omnimerge.methods.base import at_depth, has_schedule, plain
 from omnimerge.options import MergeOptions
 from omnimerge.recipe import Recipe
 from omnimerge.sinks import ModelSink, Sink, StateDictSink
 
 #: elements per block in the fused elementwise path (the T + 2 float32 blocks stay in a core's L2 cache)
 FUSED_BLOCK = 1 << 16
+#: a tensor of a layer stack: (stack prefix, layer index), on canonical names
+_LAYER = re.compile(r"^(.*?\blayers\.)(\d+)\.")
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -94,6 +98,9 @@ class Job:
     out_dtype: torch.dtype
     cost: int = 0  # bytes of working memory this job needs
     streaming: bool = False  # merged block by block (its cost does not grow with the tensor)
+    layer: int | None = None  # its layer index in the base's layer stack (None outside the layers)
+    num_layers: int = 0  # the depth of that stack
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the method's parameters for this tensor
 
 
 @dataclass
@@ -223,6 +230,9 @@ class MergeRun:
         self.files_src: Path | None = None
         self._counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
+        #: with options.keep_inputs: per merged tensor, its inputs kept in memory (see _merge_job_kept); None
+        #: until decided, False when they do not fit
+        self._kept: dict[str, tuple[torch.Tensor | None, list[torch.Tensor], list[Any] | None]] | None | bool = None
 
     def set_parameters(self, parameters: dict[str, Any] | None = None,
                        model_parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -264,6 +274,7 @@ class MergeRun:
         """One job per base tensor, in the base's file order: merged (selected) or copied."""
         assert self.base is not None
         jobs: list[Job] = []
+        depth: dict[str, int] = {}  # layer-stack prefix -> number of layers
         for name, meta in self.base.tensors.items():
             comp = classify(name, meta.shape)
             merged = self.selector.selects(name, comp) and meta.dtype.is_floating_point
@@ -273,6 +284,10 @@ class MergeRun:
             if self.out_dtype is not None and meta.dtype.is_floating_point:
                 out_dtype = self.out_dtype
             job = Job(name, self.base.canonical_of(name), comp, meta, merged, out_dtype)
+            m = _LAYER.match(job.canonical)
+            if m is not None:
+                job.layer = int(m.group(2))
+                depth[m.group(1)] = max(depth.get(m.group(1), 0), job.layer + 1)
             if merged:
                 T, es = len(self.experts), element_size(self.compute_dtype)
                 job.cost = (T + 3) * meta.numel * es
@@ -287,6 +302,17 @@ class MergeRun:
             else:
                 job.cost = 0
             jobs.append(job)
+        scheduled = has_schedule(self.kwargs)
+        for job in jobs:
+            m = _LAYER.match(job.canonical)
+            job.num_layers = depth[m.group(1)] if m is not None else 0
+            if not scheduled:
+                job.kwargs = self.kwargs
+            elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
+                t = job.layer / (job.num_layers - 1) if job.layer is not None and job.num_layers > 1 else 0.0
+                job.kwargs = at_depth(self.kwargs, t)
+                if self.method.check is not None:
+                    self.method.check(job.kwargs)
         if not any(j.merged for j in jobs):
             raise RecipeError(
                 f"select: no tensor of the base '{self.recipe.base_model}' matches include="
@@ -330,7 +356,9 @@ class MergeRun:
             num_models=len(self.experts),
             factors=factors,
             stats=stats,
-            seed=int(self.kwargs.get("seed") or 0),
+            seed=int(job.kwargs.get("seed") or 0),
+            layer=job.layer,
+            num_layers=job.num_layers,
             log=self.notes,
         )
 
@@ -372,7 +400,7 @@ class MergeRun:
 
     def _merged_from_weights(self, job: Job, fw: Callable[..., torch.Tensor]) -> torch.Tensor:
         """The merged tensor of a job by the method's ``from_weights`` form, whole, in the compute dtype."""
-        out = fw(self._weights(job), self._context(job, None, None), **self.kwargs)
+        out = fw(self._weights(job), self._context(job, None, None), **job.kwargs)
         self._check_shape(out, job.meta.shape, f"tensor '{job.name}'")
         if self.check_finite and not _all_finite(out):
             raise NonFiniteTensorError(
@@ -456,7 +484,7 @@ class MergeRun:
         ctx = self._context(job, None, None)
         n, cd = raws[0].numel(), self.compute_dtype
         linear = self.caps.linear
-        form = linear(self.kwargs) if linear is not None and self.use_kernels else None
+        form = linear(job.kwargs) if linear is not None and self.use_kernels else None
         kernel = None
         dtypes = [r.dtype for r in raws] + ([base_raw.dtype] if base_raw is not None else [])
         if form is not None and LinearBlocks.supports(dtypes, job.out_dtype, cd):
@@ -473,7 +501,7 @@ class MergeRun:
                     continue
                 if fw is not None:  # the experts' weights alone
                     try:
-                        w = fw([r[s:e].to(dtype=cd, copy=True) for r in raws], ctx, **self.kwargs)
+                        w = fw([r[s:e].to(dtype=cd, copy=True) for r in raws], ctx, **job.kwargs)
                     except Exception:  # noqa: BLE001 - the whole-tensor path raises it, checks first
                         return False
                     if self.check_finite and not _all_finite(w):
@@ -485,7 +513,7 @@ class MergeRun:
                 b, tvs = self._torch_block(base_raw, raws, s, e)
                 ctx.offset = s
                 try:
-                    delta = self.method.fn(b, tvs, ctx, **self.kwargs)
+                    delta = self.method.fn(b, tvs, ctx, **job.kwargs)
                 except Exception:  # noqa: BLE001 - the whole-tensor path raises it, checks first
                     return False
                 del tvs
@@ -500,14 +528,15 @@ class MergeRun:
         """Start loading the compiled kernels in the background if streamed jobs will use them."""
         if not self.use_kernels:
             return
+        job = next((j for j in jobs if j.streaming), None)
+        if job is None:
+            return
         linear = self.caps.linear
         ties = self.caps.blockwise is not None and self.caps.compiled == "ties"
-        if not ((linear is not None and linear(self.kwargs) is not None) or ties):
+        if not ((linear is not None and linear(job.kwargs) is not None) or ties):
             return
-        job = next((j for j in jobs if j.streaming), None)
-        if job is not None:
-            preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties,
-                            drop=float(self.kwargs.get("drop_rate") or 0.0) > 0.0)
+        preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties,
+                        drop=float(job.kwargs.get("drop_rate") or 0.0) > 0.0)
 
     def _blockwise(self, job: Job) -> Any:
         """The method's block-wise implementation if this job can use it, else None."""
@@ -537,7 +566,7 @@ class MergeRun:
         ctx = self._context(job, None, stats)
         checked = not self.check_finite
         with self._one_thread_per_worker():
-            state = bw.begin(ctx, n, self.kwargs, sample)
+            state = bw.begin(ctx, n, job.kwargs, sample)
             kern = None
             if self.use_kernels and self.caps.compiled == "ties" and TiesBlocks.supports(
                     state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
@@ -598,7 +627,7 @@ class MergeRun:
     def _prefetch(self, job: Job) -> None:
         """Start reading the job's inputs ahead (cold page cache: disk reads overlap with compute)."""
         assert self.base is not None
-        if not job.merged:
+        if not job.merged or isinstance(self._kept, dict):
             return
         if self._from_weights() is None or self.recipe.output != "full":  # (the LoRA output needs W0)
             self.base.prefetch(job.name)
@@ -622,6 +651,10 @@ class MergeRun:
         block-streamed for elementwise methods, from the experts' weights alone, the method's streamed
         implementation, else whole. A streamed attempt that meets a non-finite value falls back to the whole
         tensor, which reports it."""
+        if isinstance(self._kept, dict):
+            self._merge_job_kept(job, writer, stats)
+            self._count("kept")
+            return
         if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
             self._count("fused")
             return
@@ -640,11 +673,83 @@ class MergeRun:
         writer.write(job.name, out.to(job.out_dtype))
         self._count("whole")
 
+    # -- inputs kept in memory across merges (options.keep_inputs) ----------------------------------------------
+    def _decide_keep(self, jobs: list[Job]) -> None:
+        """Before the first merge with keep_inputs: keep the merged tensors' inputs if they fit in half the free
+        memory of the compute device, else say so and read the checkpoints each time."""
+        if self._kept is not None or not self.options.keep_inputs:
+            return
+        merged = [j for j in jobs if j.merged]
+        copies = len(self.experts) + (0 if self._from_weights() is not None else 1)
+        need = sum(j.meta.numel for j in merged) * copies * element_size(self.compute_dtype)
+        free = _free_memory(self.device)
+        if free is not None and need > free // 2:
+            self.notes(f"keep_inputs: the merged tensors' inputs need {need / 2**30:.1f} GiB, more than half the "
+                       f"free memory of {self.device} ({free / 2**30:.1f} GiB): every merge reads the checkpoints")
+            self._kept = False
+            return
+        self._kept = {}
+
+    def _kept_inputs(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], list[Any] | None]:
+        """The job's inputs in the compute dtype, read once: (base, task vectors, factors), or (None, the
+        experts' weights, None) for methods computed from the weights alone. Checked for NaN/Inf when read."""
+        assert isinstance(self._kept, dict)
+        got = self._kept.get(job.name)
+        if got is None:
+            got = (None, self._weights(job), None) if self._from_weights() is not None else self._inputs(job)
+            with self._counts_lock:
+                self._kept[job.name] = got
+        return got
+
+    def _merge_job_kept(self, job: Job, writer: Sink, stats: Any) -> None:
+        """Merge from the kept inputs: never modified (the method gets fresh copies); an elementwise method runs
+        block by block on cache-sized copies, so a merge costs one pass over the kept tensors. The same
+        operations per entry as the other strategies: the same bits."""
+        base, ins, factors = self._kept_inputs(job)
+        fw = self._from_weights()
+        n = ins[0].numel()
+        blocks = [(0, n)]
+        if self.caps.elementwise and self.strategy == "auto" and n >= FUSED_BLOCK:
+            blocks = [(s, min(n, s + FUSED_BLOCK)) for s in range(0, n, FUSED_BLOCK)]
+        whole = len(blocks) == 1
+        flat_in = [t.reshape(-1) for t in ins]
+        flat_base = base.reshape(-1) if base is not None else None
+        ctx = self._context(job, factors, stats)
+        # threads as the strategy this one stands for: the whole-tensor path keeps torch's intra-op threads
+        # (results of matmul/SVD depend on their number), the block paths use one per worker
+        threads = nullcontext() if whole else self._one_thread_per_worker()
+        with threads:
+            for s, e in blocks:
+                if whole:
+                    pieces = [t.clone() for t in ins]
+                    b = base.clone() if base is not None else None
+                else:
+                    pieces = [t[s:e].clone() for t in flat_in]
+                    b = flat_base[s:e].clone() if flat_base is not None else None
+                ctx.offset = s
+                if fw is not None:
+                    out = fw(pieces, ctx, **job.kwargs)
+                    self._check_shape(out, pieces[0].shape, f"tensor '{job.name}'")
+                else:
+                    assert b is not None
+                    delta = self.method.fn(b, pieces, ctx, **job.kwargs)
+                    self._check_shape(delta, b.shape, f"tensor '{job.name}'")
+                    out = b.add_(delta.to(b.dtype))
+                del pieces
+                if self.check_finite and not _all_finite(out):
+                    raise NonFiniteTensorError(
+                        f"tensor '{job.name}': the {self.method.name} merge overflows {self.recipe.dtype} (the inputs "
+                        f"are finite)")
+                if whole:
+                    writer.write(job.name, out.to(job.out_dtype))
+                else:
+                    writer.write_part(job.name, out.to(job.out_dtype), s, e == n)
+
     def whole_tensor_delta(self, job: Job, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The base tensor and the method's delta for it (in the base's compute dtype), whole."""
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)
-        delta = self.method.fn(base, tvs, ctx, **self.kwargs)
+        delta = self.method.fn(base, tvs, ctx, **job.kwargs)
         del tvs
         self._check_shape(delta, base.shape, f"tensor '{job.name}'")
         return base, delta.to(base.dtype)
@@ -663,6 +768,10 @@ class MergeRun:
         gp = self.method.global_pass
         if gp is None or not gp.needed(self.kwargs):
             return None
+        if has_schedule(self.kwargs):
+            raise RecipeError(
+                f"parameters: a schedule over depth (a list) cannot be used where '{self.method.name}' computes "
+                f"statistics over all merged tensors at once (e.g. granularity: global); give single values")
         merged = [j for j in jobs if j.merged]
         state = gp.init(len(self.experts), self.kwargs)
         for p in range(gp.passes):
@@ -703,7 +812,7 @@ class MergeRun:
         return MergeReport(
             output=self.output,
             method=self.method.name,
-            parameters=dict(self.kwargs),
+            parameters=plain(self.kwargs),
             seconds=seconds,
             merged=sum(j.merged for j in jobs),
             copied=sum(not j.merged for j in jobs),
@@ -728,6 +837,14 @@ class MergeRun:
         t0 = time.perf_counter()
         self._counts = {}
         jobs = self._prepare()
+        self._decide_keep(jobs)
+        if isinstance(self._kept, dict):  # merged from memory: whole-tensor copies unless streamed in blocks
+            T, es = len(self.experts), element_size(self.compute_dtype)
+            for j in jobs:
+                if j.merged:
+                    blocked = self.caps.elementwise and self.strategy == "auto" and j.meta.numel >= FUSED_BLOCK
+                    j.cost = (T + 3) * (FUSED_BLOCK if blocked else j.meta.numel) * es
+                    j.streaming = blocked
         run_jobs = [j for j in jobs if j.merged] if only_merged else jobs
         plan = [(j.name, j.out_dtype, j.meta.shape) for j in run_jobs]
         if isinstance(sink, str):
@@ -917,6 +1034,24 @@ class MergeRun:
             self.base.close()
         self.experts = []
         self.base = None
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes of memory free for new tensors on ``device`` (None if unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _component_counts(jobs: list[Job]) -> dict[str, dict[str, int]]:

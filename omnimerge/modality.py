@@ -83,6 +83,7 @@ from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter
 from omnimerge.components import classify
 from omnimerge.engine import DTYPES, Job, MergeReport, MergeRun
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
+from omnimerge.methods.base import plain
 from omnimerge.options import MergeOptions
 from omnimerge.recipe import Recipe
 
@@ -529,7 +530,7 @@ class _ModalityMerge:
         seconds = time.perf_counter() - t0
         manifest = self._manifest(jobs, outputs, digests, seconds)
         report = ModalityReport(
-            output=self.output, method=run.method.name, parameters=dict(run.kwargs), seconds=seconds,
+            output=self.output, method=run.method.name, parameters=plain(run.kwargs), seconds=seconds,
             merged=len(jobs), copied=sum(carried.values()), strategies=run.strategy_counts(),
             input_bytes=sum(j.meta.nbytes for j in jobs) * (1 + len(self.experts)),
             output_bytes=sum(_plan_bytes(o.plan) for o in self.outputs), notes=list(run.notes.seen),
@@ -556,7 +557,7 @@ class _ModalityMerge:
             "kind": run.method.output_kind,
             "method": run.method.name,
             "paper": run.method.paper,
-            "parameters": _jsonable(run.kwargs),
+            "parameters": _jsonable(plain(run.kwargs)),
             "base": {"model": self.recipe.base_model, "model_type": base.model_type,
                      "llm": llm_signature(base.config)},
             "shared": {"tensors": len(jobs), "select": self.recipe.select.model_dump(),

@@ -35,6 +35,10 @@ class MergeOptions:
         sync: flush the output to disk before it is committed.
         strategy: ``auto`` (stream tensors block by block where the method declares it can) or ``whole``
             (every tensor merged whole: the reference path the streamed ones are tested against).
+        keep_inputs: for repeated merges in memory (:class:`omnimerge.Merger`): keep the merged tensors' inputs
+            (base and task vectors, or the experts' weights, in the compute dtype on the compute device) after
+            the first merge, if they fit in half the free memory, so that later merges read no checkpoint and
+            an elementwise method costs one pass over memory. The results are the same bits.
     """
 
     overwrite: bool = False
@@ -47,6 +51,7 @@ class MergeOptions:
     use_kernels: bool = True
     sync: bool = True
     strategy: Strategy = "auto"
+    keep_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -140,6 +140,58 @@ def test_repeated_merges_reuse_the_opened_inputs(models: Path, tmp_path: Path,
     assert not torch.equal(got[0.2][BIG], got[0.9][BIG])
 
 
+@pytest.mark.parametrize(("method", "weights", "params"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_kept_inputs_give_the_same_bits_without_reading(models: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, method: str,
+                                                        weights: list[float] | None, params: dict[str, Any]) -> None:
+    """keep_inputs: the first merge reads the inputs once and keeps them; later merges (other parameters) read no
+    checkpoint tensor and give what a merge from the checkpoints gives."""
+    from omnimerge.checkpoint.reader import Checkpoint
+
+    other = {**params, "scaling": 0.35} if "scaling" in params else params
+    r = _recipe(models, method, weights, **params)
+    with omnimerge.Merger(r, keep_inputs=True) as m:
+        first = {k: v.clone() for k, v in m.state_dict(only_merged=True).items()}
+        reads: list[str] = []
+        real_read = Checkpoint.read
+        monkeypatch.setattr(Checkpoint, "read", lambda self, name, *a, **k: reads.append(name) or real_read(
+            self, name, *a, **k))
+        second = m.state_dict(other, only_merged=True)
+        assert set(m.last_report.strategies) == {"kept"}
+        monkeypatch.undo()
+    assert not reads, f"kept inputs: the second merge read {reads[:3]}"
+    with omnimerge.Merger(r) as fresh:
+        _same(first, fresh.state_dict(only_merged=True))
+    disk = _on_disk(_recipe(models, method, weights, **other), tmp_path / "o")
+    _same(second, {k: disk[k] for k in second})
+    assert set(second) == {BIG, SMALL}
+
+
+def test_kept_inputs_with_lora_experts(tmp_path: Path) -> None:
+    """LoRA experts: the dense task vectors B A are built once and kept; the results equal a fresh merge."""
+    from tests.conftest import golden_root
+
+    fam = golden_root() / "lora-T3" / "models"
+    r = {"base_model": str(fam / "base"), "models": [{"model": str(fam / f"expert{i}")} for i in range(3)],
+         "merge_method": "tsv", "parameters": {"scaling": 1.0}}
+    with omnimerge.Merger(r, keep_inputs=True) as m:
+        m.state_dict()
+        kept = {k: v.clone() for k, v in m.state_dict({"scaling": 0.5}).items()}
+        assert set(m.last_report.strategies) == {"kept"}
+    _same(kept, {k: v for k, v in omnimerge.merge_state_dict(r, overrides=["parameters.scaling=0.5"]).items()})
+
+
+def test_kept_inputs_that_do_not_fit_are_not_kept(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import omnimerge.engine as engine
+
+    monkeypatch.setattr(engine, "_free_memory", lambda device: 1000)
+    notes: list[str] = []
+    with omnimerge.Merger(_recipe(models, "task_arithmetic"), keep_inputs=True, echo=notes.append) as m:
+        m.state_dict()
+        assert "kept" not in m.last_report.strategies
+    assert any("keep_inputs" in n and "more than half the free memory" in n for n in notes), notes
+
+
 def test_parameter_overrides_are_checked(models: Path) -> None:
     from omnimerge.errors import MethodParameterError, RecipeError
 

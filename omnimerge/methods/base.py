@@ -31,10 +31,61 @@ import torch
 from omnimerge.errors import MethodParameterError
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "TensorContext", "merge_method",
-           "registry"]
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TensorContext",
+           "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A float parameter over depth (mergekit's *gradient*): ``values`` at evenly spaced points from the first
+    layer (t = 0) to the last (t = 1), linearly interpolated at t = layer / (num_layers - 1). Tensors outside
+    the layer stack (embeddings, final norm, lm_head) take t = 0, as in mergekit. Written as a list in a recipe:
+    ``density: [0.2, 0.5, 0.8]``."""
+
+    values: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        n = len(self.values)
+        if n == 1:
+            return self.values[0]
+        x = min(max(t, 0.0), 1.0) * (n - 1)
+        i = min(int(x), n - 2)
+        f = x - i
+        return self.values[i] if f == 0.0 else self.values[i] + (self.values[i + 1] - self.values[i]) * f
+
+    def to_list(self) -> list[float]:
+        return list(self.values)
+
+
+def at_depth(kwargs: Mapping[str, Any], t: float) -> dict[str, Any]:
+    """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``."""
+    def one(v: Any) -> Any:
+        if isinstance(v, Schedule):
+            return v.at(t)
+        if isinstance(v, tuple):
+            return tuple(one(x) for x in v)
+        return v
+
+    return {k: one(v) for k, v in kwargs.items()}
+
+
+def has_schedule(kwargs: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, Schedule) or (isinstance(v, tuple) and any(isinstance(x, Schedule) for x in v))
+               for v in kwargs.values())
+
+
+def plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with schedules written as lists (for reports and model cards)."""
+    def one(v: Any) -> Any:
+        if isinstance(v, Schedule):
+            return v.to_list()
+        if isinstance(v, tuple):
+            return [one(x) for x in v]
+        return v
+
+    return {k: one(v) for k, v in kwargs.items()}
 
 
 @dataclass(frozen=True)
@@ -69,8 +120,18 @@ class Param:
         hb = ")" if (self.high is None or self.high_open) else "]"
         return f"a {self.kind.__name__} in {lb}{lo}, {hi}{hb}"
 
-    def validate(self, value: Any, where: str) -> ParamValue:
-        """Coerce ``value`` to the declared type and check its range; ``where`` names it in errors."""
+    def validate(self, value: Any, where: str) -> ParamValue | Schedule:
+        """Coerce ``value`` to the declared type and check its range; ``where`` names it in errors. A list is a
+        :class:`Schedule` over depth (float parameters only), each value checked."""
+        if isinstance(value, list | tuple):
+            if self.kind is not float or self.choices is not None:
+                raise MethodParameterError(
+                    f"{where}: '{self.name}' must be {self.describe_range()}, got the list {list(value)!r} "
+                    f"(a list is a schedule over depth, for float parameters only)")
+            if not value:
+                raise MethodParameterError(f"{where}: '{self.name}': an empty list (a schedule needs values)")
+            vals = tuple(float(self.validate(v, where)) for v in value)  # type: ignore[arg-type]
+            return vals[0] if len(vals) == 1 else Schedule(vals)
         if value is None:
             if self.nullable:
                 return None
@@ -128,7 +189,9 @@ class TensorContext:
         factors: per expert, an exact :class:`LowRank` factorisation of its task vector when one is known
             (LoRA inputs), else ``None``.
         stats: the result of the method's global pass (see :class:`GlobalPass`), or ``None``.
-        seed: the recipe's seed (methods with randomness use :meth:`generator`).
+        seed: the method's ``seed`` parameter, if it has one (methods with randomness use :meth:`generator`).
+        layer: the index of the layer the tensor belongs to (``...layers.<i>...``), None outside the layers.
+        num_layers: the depth of that layer stack in the base (0 outside the layers).
         offset: for methods that declare ``elementwise``: the flat index of the first entry of the block they
             are given (the engine may stream a tensor in blocks); 0 for a whole tensor.
         log: a callable for one-line notes the method wants the user to see (printed once per distinct text).
@@ -141,6 +204,8 @@ class TensorContext:
     factors: Sequence[LowRank | None] | None = None
     stats: Any = None
     seed: int = 0
+    layer: int | None = None
+    num_layers: int = 0
     offset: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
     info: dict[str, Any] = field(default_factory=dict)
@@ -291,7 +356,7 @@ class MergeMethod:
                 out[p.name] = tuple(vals)
             else:
                 out[p.name] = top
-        if self.check is not None:
+        if self.check is not None and not has_schedule(out):  # with schedules: per tensor, when planned
             self.check(out)
         return out
 
