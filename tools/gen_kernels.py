@@ -1,6 +1,7 @@
 """Writes omnimerge/_kernels_fused.py: fused single-pass loops for 1-4 (linear) and 1-8 (TIES) experts (numba vectorises a loop over
 entries only when every expert array is a separate, constant reference inside it: a runtime loop over the experts,
-or branches on their number inside the loop, cost 5x). Run: python tools/gen_kernels.py"""
+or branches on their number inside the loop, cost 5x). Run: python tools/gen_kernels.py; ``--check`` exits 1 if
+the file on disk differs from what this generator writes (CI runs it)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def linear(k: int, use_acc: bool, keep: bool, direct: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def generate() -> str:
     parts = [HEAD]
     keys = [(k, c, kp) for k in range(1, 5) for c in (False, True) for kp in (False, True)]
     for direct, table_name in ((False, "LINEAR"), (True, "AVERAGE")):
@@ -76,8 +77,23 @@ def main() -> None:
         parts.append(f"#: {what}: (experts in the group, start from acc, keep the sum in acc) -> loop\n"
                      f"{table_name} = {{\n    {table},\n}}\n")
     main_ties(parts)
-    OUT.write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    text = generate()
+    if "--check" in args:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT} is stale: regenerate it with `python tools/gen_kernels.py`", file=sys.stderr)
+            return 1
+        print(f"{OUT.name} matches tools/gen_kernels.py")
+        return 0
+    OUT.write_text(text)
     print(f"wrote {OUT}")
+    return 0
 
 
 
@@ -196,4 +212,4 @@ def main_ties(parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
