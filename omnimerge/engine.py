@@ -1,4 +1,9 @@
-"""The streaming merge engine.
+"""The streaming merge engine: :class:`MergeRun`, and the strategies that merge one tensor.
+
+The parts: :mod:`omnimerge.options` (how a merge runs), :mod:`omnimerge.plan` (one job per tensor),
+opened inputs (:mod:`omnimerge.checkpoint.sources`), the strategies (here: chosen in ``MergeRun._merge_job`` from
+the method's declared :class:`~omnimerge.methods.base.Capabilities`), :mod:`omnimerge.executor` (worker threads
+under a memory budget), :mod:`omnimerge.sinks` (where merged tensors go) and :mod:`omnimerge.report`.
 
 Plan, then stream:
 
@@ -10,7 +15,8 @@ Plan, then stream:
    ``variant: auto``), streaming over the inputs.
 4. **Stream**: worker threads run jobs concurrently under a memory budget (about ``(T + 3)`` times the largest
    merged tensor in the compute dtype); each job reads its inputs (memory-mapped), computes, and writes its
-   output bytes straight into the shard file. Copied tensors are copied byte for byte in the kernel.
+   output bytes straight into the sink (a shard file, memory, a loaded model). Copied tensors are copied byte
+   for byte in the kernel.
 5. **Finish**: check every planned tensor was written, copy config/tokenizer/processor files, write the model
    card (with a digest of every input file, hashed on a background thread), then rename the temporary folder
    into place. Any failure removes the temporary folder: nothing is left at the output path.
@@ -21,16 +27,12 @@ Results do not depend on the number of workers or their scheduling: each tensor 
 
 from __future__ import annotations
 
-import gc
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,6 @@ import torch
 from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, hash_algorithm, write_model_card
 from omnimerge.checkpoint.reader import (
     Checkpoint,
-    TensorMeta,
     element_size,
     open_checkpoint,
     resolve_model_path,
@@ -53,6 +54,7 @@ from omnimerge.errors import (
     OutputError,
     RecipeError,
 )
+from omnimerge.executor import Notes, execute
 from omnimerge.kernels import CHUNK as KERNEL_CHUNK
 from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
@@ -60,14 +62,15 @@ from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method
 from omnimerge.methods.base import at_depth, has_schedule, plain
 from omnimerge.options import MergeOptions
+from omnimerge.plan import DTYPES, Job, layer_of
 from omnimerge.recipe import Recipe
+from omnimerge.report import MergeReport, component_counts
 from omnimerge.sinks import ModelSink, Sink, StateDictSink
+
+__all__ = ["DTYPES", "FUSED_BLOCK", "Job", "MergeReport", "MergeRun"]
 
 #: elements per block in the fused elementwise path (the T + 2 float32 blocks stay in a core's L2 cache)
 FUSED_BLOCK = 1 << 16
-#: a tensor of a layer stack: (stack prefix, layer index), on canonical names
-_LAYER = re.compile(r"^(.*?\blayers\.)(\d+)\.")
-
 
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite. One sum decides (NaN and Inf propagate into it, and it costs a
@@ -78,103 +81,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-@dataclass
-class Job:
-    """One output tensor."""
-
-    name: str
-    canonical: str
-    component: str
-    meta: TensorMeta
-    merged: bool
-    out_dtype: torch.dtype
-    cost: int = 0  # bytes of working memory this job needs
-    streaming: bool = False  # merged block by block (its cost does not grow with the tensor)
-    layer: int | None = None  # its layer index in the base's layer stack (None outside the layers)
-    num_layers: int = 0  # the depth of that stack
-    kwargs: dict[str, Any] = field(default_factory=dict)  # the method's parameters for this tensor
-
-
-@dataclass
-class MergeReport:
-    """What a merge did."""
-
-    output: Path | None  # None: merged in memory
-    method: str
-    parameters: dict[str, Any]
-    seconds: float
-    merged: int
-    copied: int
-    input_bytes: int
-    output_bytes: int
-    shards: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    components: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: with ``output: lora``: the merged adapter's rank and number of LoRA modules (else None / 0)
-    lora_rank: int | None = None
-    lora_modules: int = 0
-    lora_modules_to_save: list[str] = field(default_factory=list)
-    lora_relative_error: dict[str, float] = field(default_factory=dict)  # ||dW - BA||_F / ||dW||_F per kind
-    lora_module_errors: dict[str, float] = field(default_factory=dict)
-    #: per strategy, the number of merged tensors that took it (``fused``, ``from_weights``, ``blockwise``,
-    #: ``whole``)
-    strategies: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        mb = self.input_bytes / 1e6
-        what = (
-            f"merged {self.merged} tensors into a rank-{self.lora_rank} PEFT adapter ({self.lora_modules} "
-            f"LoRA modules)"
-            if self.lora_rank is not None
-            else f"merged {self.merged} tensors, copied {self.copied} from the base"
-        )
-        where = self.output if self.output is not None else "memory"
-        return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {where}"
-
-
-class _Budget:
-    """Bounds the working memory of jobs in flight (a job larger than the limit runs alone)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self.used = 0
-        self.cond = threading.Condition()
-
-    def acquire(self, n: int) -> int:
-        n = min(n, self.limit)
-        with self.cond:
-            while self.used and self.used + n > self.limit:
-                self.cond.wait()
-            self.used += n
-        return n
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-
-class _Notes:
-    def __init__(self, echo: Callable[[str], None] | None) -> None:
-        self.seen: dict[str, None] = {}
-        self.echo = echo
-        self.lock = threading.Lock()
-
-    def __call__(self, msg: str) -> None:
-        with self.lock:
-            if msg in self.seen:
-                return
-            self.seen[msg] = None
-        if self.echo:
-            self.echo(msg)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -203,7 +109,7 @@ class MergeRun:
         self.device = _device(o.device)
         self.workers = o.workers or min(4, os.cpu_count() or 1)
         self.progress = o.progress
-        self.notes = _Notes(o.echo)
+        self.notes = Notes(o.echo)
         self.check_finite = o.check_finite
         self.use_kernels = o.use_kernels  # compiled fused kernels where they apply (see omnimerge.kernels)
         self.sync = o.sync  # fsync the output before it is committed
@@ -284,10 +190,10 @@ class MergeRun:
             if self.out_dtype is not None and meta.dtype.is_floating_point:
                 out_dtype = self.out_dtype
             job = Job(name, self.base.canonical_of(name), comp, meta, merged, out_dtype)
-            m = _LAYER.match(job.canonical)
-            if m is not None:
-                job.layer = int(m.group(2))
-                depth[m.group(1)] = max(depth.get(m.group(1), 0), job.layer + 1)
+            where = layer_of(job.canonical)
+            if where is not None:
+                job.layer = where[1]
+                depth[where[0]] = max(depth.get(where[0], 0), job.layer + 1)
             if merged:
                 T, es = len(self.experts), element_size(self.compute_dtype)
                 job.cost = (T + 3) * meta.numel * es
@@ -304,8 +210,8 @@ class MergeRun:
             jobs.append(job)
         scheduled = has_schedule(self.kwargs)
         for job in jobs:
-            m = _LAYER.match(job.canonical)
-            job.num_layers = depth[m.group(1)] if m is not None else 0
+            where = layer_of(job.canonical)
+            job.num_layers = depth[where[0]] if where is not None else 0
             if not scheduled:
                 job.kwargs = self.kwargs
             elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
@@ -820,7 +726,7 @@ class MergeRun:
             output_bytes=sum(j.meta.numel * element_size(j.out_dtype) for j in jobs),
             shards=[p.name for p in shard_files],
             notes=list(self.notes.seen),
-            components=_component_counts(jobs),
+            components=component_counts(jobs),
             strategies=self.strategy_counts(),
         )
 
@@ -941,90 +847,15 @@ class MergeRun:
 
     def stream(self, jobs: list[Job], writer: Sink, stats: Any) -> None:
         """Run ``jobs`` (merge or copy) into ``writer`` on the worker threads under the memory budget."""
-        # jobs run together while their costs fit: at least the largest alone, and as many streamed jobs as
-        # there are workers (their cost is a few blocks: tying them to the largest whole-tensor cost serialised them)
-        streamed = sorted((j.cost for j in jobs if j.streaming), reverse=True)[: self.workers]
-        limit = max([j.cost for j in jobs] + [sum(streamed), 1])
-        budget = _Budget(limit)
-        total_bytes = sum(j.meta.nbytes for j in jobs) or 1
-        prog = None
-        task = None
-        if self.progress:
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                TaskProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
 
-            prog = Progress(
-                TextColumn("[bold]merging[/] {task.fields[tensors]}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            prog.start()
-            task = prog.add_task("merge", total=total_bytes, tensors=f"0/{len(jobs)} tensors")
-        done = [0]
-        lock = threading.Lock()
-        # the block loops allocate many short-lived tensors: cyclic GC passes over the heap cost ~5% and free
-        # nothing (tensors are freed by reference counting); collection resumes after the stream
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
+        def run_job(job: Job) -> None:
+            if job.merged:
+                self._merge_job(job, writer, stats)
+            else:
+                self._copy_job(job, writer)
+            self._release(job)
 
-        def run_job(job: Job, reserved: int) -> None:
-            try:
-                if job.merged:
-                    self._merge_job(job, writer, stats)
-                else:
-                    self._copy_job(job, writer)
-                self._release(job)
-            finally:
-                budget.release(reserved)
-                if prog is not None and task is not None:
-                    with lock:
-                        done[0] += 1
-                        prog.update(task, advance=job.meta.nbytes, tensors=f"{done[0]}/{len(jobs)} tensors")
-
-        try:
-            if self.workers <= 1:
-                for job in jobs:
-                    run_job(job, budget.acquire(job.cost))
-                return
-            failed = threading.Event()
-
-            def guarded(job: Job, reserved: int) -> None:
-                try:
-                    run_job(job, reserved)
-                except BaseException:
-                    failed.set()
-                    raise
-
-            futures: list[Future[None]] = []
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="omnimerge") as pool:
-                for job in jobs:
-                    if failed.is_set():  # stop submitting; jobs not started yet are cancelled below
-                        break
-                    reserved = budget.acquire(job.cost)
-                    self._prefetch(job)
-                    futures.append(pool.submit(guarded, job, reserved))
-                if failed.is_set():
-                    for f in futures:
-                        f.cancel()
-            # the pool has drained: raise the error of the earliest job that failed
-            for f in futures:
-                if not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-            if prog is not None:
-                prog.stop()
+        execute(jobs, run_job, workers=self.workers, prefetch=self._prefetch, progress=self.progress)
 
     def close(self) -> None:
         """Close every input (a later merge opens them again)."""
@@ -1052,13 +883,3 @@ def _free_memory(device: torch.device) -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def _component_counts(jobs: list[Job]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for j in jobs:
-        c = out.setdefault(j.component, {"tensors": 0, "merged": 0, "parameters": 0})
-        c["tensors"] += 1
-        c["merged"] += int(j.merged)
-        c["parameters"] += j.meta.numel
-    return out

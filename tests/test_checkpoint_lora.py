@@ -36,7 +36,7 @@ LM_TARGETS = r".*language_model.*\.(q_proj|v_proj|down_proj)"
 ARCHS = ("llava", "qwen2vl")
 
 
-# --- builders (shared with test_lora_knots.py) ------------------------------------------------------------------
+# --- builders (shared with test_methods_knots.py) ------------------------------------------------------------------
 
 
 def model_class(arch: str) -> Any:

@@ -139,7 +139,7 @@ def test_knots_dare_is_deterministic(loras: list[LowRank]) -> None:
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.test_lora import build_base, make_adapter
+    from tests.test_checkpoint_lora import build_base, make_adapter
 
     root = tmp_path_factory.mktemp("knots")
     base = build_base("llava", root / "base")
@@ -152,7 +152,7 @@ def llava(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_knots_global_matches_reference_on_adapters(llava: dict[str, Any], tmp_path: Path) -> None:
-    from tests.test_lora import _merge_api, models, peft_merged, read_weights
+    from tests.test_checkpoint_lora import _merge_api, models, peft_merged, read_weights
 
     base, adapters = llava["base"], llava["adapters"]
     recipe = {"base_model": str(base), "models": models(*adapters), "merge_method": "knots"}
@@ -185,7 +185,7 @@ def test_knots_global_matches_reference_on_adapters(llava: dict[str, Any], tmp_p
 
 
 def test_knots_mixes_adapters_and_full_models(llava: dict[str, Any], tmp_path: Path) -> None:
-    from tests.test_lora import _merge_api, merged_full_model, models, read_weights
+    from tests.test_checkpoint_lora import _merge_api, merged_full_model, models, read_weights
 
     base, adapters = llava["base"], llava["adapters"]
     full = merged_full_model("llava", base, adapters[1], tmp_path / "full1")
