@@ -190,7 +190,7 @@ def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: 
                maj: float, maj_known: bool, tot: Any, acc: Any, out: Any, flag: Any, amb_idx: Any, amb_pos: Any,
                amb_neg: Any) -> Any:
     """TIES on prepared (DARE-masked) task vectors ``tv[:, :n]``: trim, weight, elect, disjoint mean, scale,
-    add the base (into ``out``); the same float32 operations as ties.TiesBlockwise.merge. Returns (finite,
+    add the base (into ``out``); the same float32 operations as operators.SparseBlockwise.merge. Returns (finite,
     sum of elected signs, number of undecided entries, recorded in amb_*).
 
     The disjoint mean for an elected sign s sums c_i = max(t_i s, 0): for s = +1 that is max(t_i, 0), for

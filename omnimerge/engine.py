@@ -448,14 +448,14 @@ class MergeRun:
         """The method's block-wise implementation if this job can use it, else None."""
         bw = self.caps.blockwise
         if (bw is None or self.strategy != "auto" or job.meta.numel < self.caps.blockwise_min_numel
-                or not self._streamable()):
+                or not self._streamable() or not bw.streams(job.kwargs or self.kwargs)):
             return None
         return bw
 
     def _merge_job_blockwise(self, job: Job, writer: Sink, stats: Any, bw: Any) -> bool:
         """Methods with a ``blockwise`` implementation (TIES, DARE-TIES) from full checkpoints: statistics sweeps
         over cache-sized blocks, a merge sweep that writes each block, then the amended entries (see
-        :class:`omnimerge.methods.ties.TiesBlockwise`). Working memory is a few blocks plus what the method keeps
+        :class:`omnimerge.methods.operators.SparseBlockwise`). Working memory is a few blocks plus what the method keeps
         between sweeps, not T + 3 float32 copies of the tensor. Returns False, having written nothing final, if a
         block holds a non-finite value: the whole-tensor path then runs and reports it."""
         inputs = self._raw_inputs(job)

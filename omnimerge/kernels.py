@@ -57,12 +57,19 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
             base = torch.zeros(n, dtype=in_dtype)
             if ties:
                 from omnimerge.methods.base import TensorContext
-                from omnimerge.methods.ties import TiesBlockState
+                from omnimerge.methods.operators import (
+                    MagnitudeTopK,
+                    RandomDrop,
+                    SignConsensus,
+                    SparsePlan,
+                    SparseState,
+                )
 
                 # +1 and -1 entries: undecided (elected sign 0) entries, so that every loop of a merge loads here
                 pm = [torch.ones(n, dtype=in_dtype), -torch.ones(n, dtype=in_dtype)]
-                st = TiesBlockState(TensorContext(name="warm-up"), n, 1.0, (1.0,) * experts, 1.0,
-                                    0.5 if drop else 0.0, 4, [None] * experts, None, [None] * experts)
+                sp = ((RandomDrop(0.5, 0),) if drop else ()) + (MagnitudeTopK(1.0, n),)
+                plan = SparsePlan(sp, (1.0,) * experts, 1.0, SignConsensus("majority"))
+                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
                 tb = TiesBlocks(st, out_dtype, n)
                 es = (pm * experts)[:experts]
                 if experts % 2:
@@ -171,11 +178,11 @@ class LinearBlocks:
 
 class TiesBlocks:
     """Compiled TIES / DARE-TIES over raw (bfloat16 or float32) input chunks, for the engine's block-wise path:
-    ``sweep`` and ``merge`` do what :class:`omnimerge.methods.ties.TiesBlockwise` does on torch task vectors, with
+    ``sweep`` and ``merge`` do what :class:`omnimerge.methods.operators.SparseBlockwise` does on torch task vectors, with
     the same float32 operations (tests check the outputs bit for bit), one compiled call per chunk."""
 
     def __init__(self, st: Any, out_dtype: torch.dtype, chunk: int) -> None:
-        from omnimerge.methods.ties import dare_key
+        from omnimerge.methods.operators import dare_key
 
         k = _kernels()
         assert k is not None
@@ -208,7 +215,9 @@ class TiesBlocks:
     def supports(st: Any, in_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, compute: torch.dtype) -> bool:
         if not LinearBlocks.supports(in_dtypes, out_dtype, compute):
             return False
-        return all(w > 0.0 for w in st.weight)  # the mask-free disjoint mean (see ties._disjoint_mean)
+        # the plans the kernels compute ([DARE], top-k, majority sign, normalised), with the mask-free disjoint mean
+        # (all weights positive: see operators.disjoint_mean)
+        return st.plan.ties_shaped and all(w > 0.0 for w in st.weight)
 
     def _drop(self) -> tuple[Any, ...]:
         return self.keys, self.dthr, self.dscale, self.use_drop
@@ -281,7 +290,7 @@ class TiesBlocks:
                 cands(*args, namb, self.amb_idx, self.amb_pos, self.amb_neg)
                 return self._merged(st, out, True, signsum, namb)
             # the undecided entries were merged with the guessed sign: keep their deltas for the other sign
-            # (the only ones a fix-up can need: see TiesBlockwise.fixups)
+            # (the only ones a fix-up can need: see SparseBlockwise.fixups)
             idx = self.amb_idx[:namb]
             other = torch.from_numpy(self.alt[idx])
             st.record(int(signsum), idx + start, None if maj > 0 else other, other if maj > 0 else None)

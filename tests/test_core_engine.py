@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import omnimerge
 from omnimerge.methods import TensorContext, get_method
-from omnimerge.methods.ties import disjoint_merge
+from omnimerge.methods.operators import disjoint_merge
 from tests.conftest import golden_root
 
 MERGED = "model.language_model.layers.0.mlp.up_proj.weight"

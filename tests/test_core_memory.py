@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 import omnimerge
 from omnimerge.checkpoint.writer import ShardedWriter
 from omnimerge.errors import OutputError
-from omnimerge.methods import TensorContext, registry
-from omnimerge.methods import ties as ties_mod
+from omnimerge.methods import TensorContext, operators, registry
 from omnimerge.sinks import ModelSink, Sink, StateDictSink
 
 BIG = "model.layers.0.mlp.up_proj.weight"  # 600 x 512 = 307,200 entries: block-streamed and TIES-streamed
@@ -106,7 +105,7 @@ def test_streamed_ties_patches_reach_the_memory_sink(models: Path, tmp_path: Pat
     """A wrong streamed majority-sign guess (forced) is amended through the sink's ``patch``: still exact."""
     r = _recipe(models, "ties", scaling=0.8, density=0.25)
     whole = _on_disk(r, tmp_path / "whole", strategy="whole")
-    real_begin = ties_mod.TiesBlockwise.begin
+    real_begin = operators.SparseBlockwise.begin
     flip = (lambda g: -g) if wrong == "opposite" else (lambda g: 0.0 if g else 1.0)
 
     def begin(self, *a):  # type: ignore[no-untyped-def]
@@ -116,7 +115,7 @@ def test_streamed_ties_patches_reach_the_memory_sink(models: Path, tmp_path: Pat
 
     patched: list[int] = []
     real_patch = StateDictSink.patch
-    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", begin)
+    monkeypatch.setattr(operators.SparseBlockwise, "begin", begin)
     monkeypatch.setattr(StateDictSink, "patch", lambda self, n, i, v: patched.append(len(i)) or real_patch(self, n, i, v))
     _same(omnimerge.merge_state_dict(r), whole)
     assert patched and sum(patched) > 0
@@ -299,7 +298,7 @@ def test_modality_ties_streamed_patch(tmp_path: Path, monkeypatch: pytest.Monkey
     ties = registry()["ties"]  # the tiny LLM's tensors are below the streaming size: stream from 1024 entries
     monkeypatch.setitem(registry(), "ties", dataclasses.replace(
         ties, capabilities=dataclasses.replace(ties.capabilities, blockwise_min_numel=1024)))
-    real_begin = ties_mod.TiesBlockwise.begin
+    real_begin = operators.SparseBlockwise.begin
 
     def begin(self, *a):  # type: ignore[no-untyped-def]
         st = real_begin(self, *a)
@@ -308,7 +307,7 @@ def test_modality_ties_streamed_patch(tmp_path: Path, monkeypatch: pytest.Monkey
 
     patched: list[str] = []
     real_patch = ShardedWriter.patch
-    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", begin)
+    monkeypatch.setattr(operators.SparseBlockwise, "begin", begin)
     monkeypatch.setattr(ShardedWriter, "patch", lambda self, n, i, v: patched.append(n) or real_patch(self, n, i, v))
     rep = omnimerge.merge(recipe, tmp_path / "streamed", hash_inputs=False)
     assert rep.strategies.get("blockwise", 0) > 0 and patched

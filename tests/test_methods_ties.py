@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import omnimerge
 from omnimerge.checkpoint.writer import ShardedWriter
-from omnimerge.methods import TensorContext
-from omnimerge.methods import ties as ties_mod
+from omnimerge.methods import TensorContext, operators
 
 BIG = "model.layers.0.mlp.up_proj.weight"  # 1100 x 1030: 18 blocks of 64K or 2 kernel chunks, both partial
 WIDE = "model.embed_tokens.weight"  # 1200 x 400
@@ -113,13 +112,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 def patches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Per streamed tensor: the number of undecided entries (elected sign 0, some non-zero trimmed entry)."""
     seen: list[int] = []
-    real = ties_mod.TiesBlockwise.fixups
+    real = operators.SparseBlockwise.fixups
 
     def spy(self, st):  # type: ignore[no-untyped-def]
         seen.append(sum(len(i) for i in st.fix_idx))
         return real(self, st)
 
-    monkeypatch.setattr(ties_mod.TiesBlockwise, "fixups", spy)
+    monkeypatch.setattr(operators.SparseBlockwise, "fixups", spy)
     return seen
 
 
@@ -131,11 +130,11 @@ def test_wrong_majority_guess_is_amended(models: Path, tmp_path: Path, monkeypat
     (forced here) or is 0, they are patched into the written output: the result is still exact."""
     r = _recipe(models, "ties", scaling=0.8, density=0.25)
     whole = _whole(models, tmp_path, r, monkeypatch)
-    real_begin = ties_mod.TiesBlockwise.begin
+    real_begin = operators.SparseBlockwise.begin
     written: list[int] = []
     real_patch = ShardedWriter.patch
     flip = (lambda g: -g) if wrong == "opposite" else (lambda g: 0.0 if g else 1.0)
-    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", lambda self, *a: _set_guess(real_begin(self, *a), flip))
+    monkeypatch.setattr(operators.SparseBlockwise, "begin", lambda self, *a: _set_guess(real_begin(self, *a), flip))
     monkeypatch.setattr(ShardedWriter, "patch",
                         lambda self, n, i, v: written.append(len(i)) or real_patch(self, n, i, v))
     streamed = _run(models, tmp_path, r, "streamed", use_kernels=use_kernels)
@@ -168,21 +167,24 @@ def test_streamed_equals_whole_tensor(models: Path, tmp_path: Path, monkeypatch:
         assert patches and sum(patches) > 0, "no entry needed the majority-sign fix-up: the case is too easy"
 
 
-def test_missed_bracket_falls_back_exactly(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    r = _recipe(models, "ties", scaling=1.0, density=0.3)
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.3}),
+                                                ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05})])
+def test_missed_bracket_falls_back_exactly(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           method: str, params: dict) -> None:  # type: ignore[type-arg]
+    r = _recipe(models, method, scaling=1.0, **params)
     whole = _whole(models, tmp_path, r, monkeypatch)
-    real = ties_mod.TiesBlockwise.begin
+    real = operators.SparseBlockwise.begin
     misses = []
 
     def wrong_bracket(self, ctx, numel, params, sample):  # type: ignore[no-untyped-def]
         st = real(self, ctx, numel, params, sample)
         for i, b in enumerate(st.brackets):
             if b is not None:  # a bracket far below every magnitude: the counting sweep must detect the miss
-                st.brackets[i] = ties_mod._Bracket(lo=0.0, hi=1e-30)
+                st.brackets[i] = operators.RankBracket(lo=0.0, hi=1e-30, k=b.k)
                 misses.append(i)
         return st
 
-    monkeypatch.setattr(ties_mod.TiesBlockwise, "begin", wrong_bracket)
+    monkeypatch.setattr(operators.SparseBlockwise, "begin", wrong_bracket)
     streamed = _run(models, tmp_path, r, "streamed")
     assert misses
     _same(streamed, whole)
@@ -201,24 +203,24 @@ def test_streamed_ties_reports_non_finite_input(models: Path, tmp_path: Path) ->
 def test_dare_masks_do_not_depend_on_blocks() -> None:
     ctx = TensorContext(name="w")
     n = 200_003
-    whole = ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3, seed=11)
-    parts = torch.cat([ties_mod.dare_multiplier(ctx, 0, s, min(n, s + 65536) - s, 0.3, seed=11) for s in range(0, n, 65536)])
+    whole = operators.dare_multiplier(ctx, 0, 0, n, 0.3, seed=11)
+    parts = torch.cat([operators.dare_multiplier(ctx, 0, s, min(n, s + 65536) - s, 0.3, seed=11) for s in range(0, n, 65536)])
     assert torch.equal(whole, parts)
     pos = np.array([0, 17, 65535, 65536, 199_999, 200_002], dtype=np.int64)
-    assert torch.equal(ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=pos, seed=11), whole[torch.from_numpy(pos)])
+    assert torch.equal(operators.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=pos, seed=11), whole[torch.from_numpy(pos)])
     assert set(whole.unique().tolist()) == {0.0, float(np.float32(1.0 / 0.7))}
     assert abs(float((whole == 0).float().mean()) - 0.3) < 0.005
     # experts and tensors draw different masks; positions past 2^32 are keyed by their high word too
-    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 1, 0, n, 0.3, seed=11))
-    assert not torch.equal(whole, ties_mod.dare_multiplier(ctx, 0, 0, n, 0.3, seed=12))
-    assert not torch.equal(whole, ties_mod.dare_multiplier(TensorContext(name="v"), 0, 0, n, 0.3, seed=11))
-    far = ties_mod.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32), seed=11)
+    assert not torch.equal(whole, operators.dare_multiplier(ctx, 1, 0, n, 0.3, seed=11))
+    assert not torch.equal(whole, operators.dare_multiplier(ctx, 0, 0, n, 0.3, seed=12))
+    assert not torch.equal(whole, operators.dare_multiplier(TensorContext(name="v"), 0, 0, n, 0.3, seed=11))
+    far = operators.dare_multiplier(ctx, 0, 0, 0, 0.3, positions=np.arange(n, dtype=np.int64) + (1 << 32), seed=11)
     assert not torch.equal(whole, far) and abs(float((far == 0).float().mean()) - 0.3) < 0.005
     # across 2^32 too: a block that straddles it gives each entry the mask it has in any other block
     edge = (1 << 32) - 1000
-    span = ties_mod.dare_multiplier(ctx, 0, edge, 3000, 0.3, seed=11)
-    assert torch.equal(span[:1000], ties_mod.dare_multiplier(ctx, 0, edge, 1000, 0.3, seed=11))
-    assert torch.equal(span[1000:], ties_mod.dare_multiplier(ctx, 0, 1 << 32, 2000, 0.3, seed=11))
+    span = operators.dare_multiplier(ctx, 0, edge, 3000, 0.3, seed=11)
+    assert torch.equal(span[:1000], operators.dare_multiplier(ctx, 0, edge, 1000, 0.3, seed=11))
+    assert torch.equal(span[1000:], operators.dare_multiplier(ctx, 0, 1 << 32, 2000, 0.3, seed=11))
     # neighbouring entries are independent: the joint keep rate of (j, j+1) is (1 - p)^2
     k = (whole != 0).float()
     assert abs(float((k[1:] * k[:-1]).mean()) - 0.49) < 0.005
@@ -232,12 +234,12 @@ def test_compiled_dare_masks_past_two_to_the_32() -> None:
     assert kernels.available()
     ctx = TensorContext(name="w")
     n, start, p = 5000, (1 << 32) - 2000, 0.35
-    keys = np.array([ties_mod.dare_key(ctx, i, 4) for i in range(2)], dtype=np.int64)
+    keys = np.array([operators.dare_key(ctx, i, 4) for i in range(2)], dtype=np.int64)
     tv = np.ones((2, n), np.float32)
     assert kernels._kernels()["prepare"](tv, n, start, keys, round(p * 2.0**32), float(np.float32(1 / (1 - p))),
                                          True)  # type: ignore[index]
     for i in range(2):
-        assert torch.equal(torch.from_numpy(tv[i]), ties_mod.dare_multiplier(ctx, i, start, n, p, seed=4))
+        assert torch.equal(torch.from_numpy(tv[i]), operators.dare_multiplier(ctx, i, start, n, p, seed=4))
     assert 0.3 < float((tv == 0).mean()) < 0.4
 
 
@@ -405,3 +407,65 @@ def test_weight_average_reports_bad_values(models: Path, tmp_path: Path, value: 
     with pytest.raises(omnimerge.errors.NonFiniteTensorError, match=match):
         omnimerge.merge(_recipe(src, "weight_average"), tmp_path / "out", hash_inputs=False)
     assert not (tmp_path / "out").exists()
+
+
+BREADCRUMBS_CASES = [
+    ("breadcrumbs", [1.0, 0.6, 1.4], {"scaling": 0.7, "density": 0.4, "gamma": 0.1}),
+    ("breadcrumbs", None, {"scaling": 0.5, "density": 0.3, "gamma": 0.02, "normalize": True}),
+    ("breadcrumbs_ties", [1.0, 0.6, 1.4], {"scaling": 0.7, "density": 0.4, "gamma": 0.1}),
+    ("breadcrumbs_ties", [0.8, 1.0, 1.3], {"scaling": 1.0, "density": 0.2, "gamma": 0.0, "normalize": True}),
+    ("breadcrumbs_ties", None, {"scaling": 1.0, "density": 0.95, "gamma": 0.1}),  # the cuts do not fit: n_top shrinks
+]
+
+
+@pytest.mark.parametrize(("method", "weights", "params"), BREADCRUMBS_CASES)
+def test_breadcrumbs_streams_bit_identically(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             method: str, weights: list[float] | None,
+                                             params: dict) -> None:  # type: ignore[type-arg]
+    """A composed method gets the streamed form for free: its two cuts per expert are order statistics found by
+    the shared bracket machinery, and the result equals the whole-tensor form bit for bit."""
+    r = _recipe(models, method, weights, **params)
+    report = omnimerge.merge(r, tmp_path / "streamed", hash_inputs=False, workers=2)
+    assert report.strategies.get("blockwise", 0) >= 2, report.strategies  # BIG and WIDE stream
+    streamed = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    whole = _whole(models, tmp_path, r, monkeypatch)
+    _same(streamed, whole)
+    base = load_file(str(models / "base" / "model.safetensors"))
+    assert not torch.equal(streamed[BIG], base[BIG])
+
+
+def test_breadcrumbs_rescale_merges_whole(models: Path, tmp_path: Path) -> None:
+    """``rescale`` needs norms over the whole tensor: those parameters take the whole-tensor form (declared by the
+    method, not found out), and rescaling changes the result."""
+    r = _recipe(models, "breadcrumbs", scaling=0.7, density=0.4, gamma=0.1, rescale=True)
+    report = omnimerge.merge(r, tmp_path / "a", hash_inputs=False)
+    assert "blockwise" not in report.strategies, report.strategies
+    plain = _recipe(models, "breadcrumbs", scaling=0.7, density=0.4, gamma=0.1)
+    omnimerge.merge(plain, tmp_path / "b", hash_inputs=False)
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert not torch.equal(a[BIG], b[BIG])
+
+
+@pytest.mark.parametrize(("n", "density", "gamma"), [(1000, 0.4, 0.1), (1000, 0.95, 0.1), (997, 0.3, 0.0),
+                                                     (1000, 1.0, 0.1), (50, 0.01, 0.5)])
+def test_magnitude_outliers_is_the_sorted_index_mask(n: int, density: float, gamma: float) -> None:
+    """On distinct magnitudes the order-statistic cuts select exactly mergekit's mask: sort |x| ascending, keep
+    ranks [n_bot, N - n_top) with n_top = int(gamma N), n_bot = N - int(density N) - n_top (n_top shrinks when
+    n_bot < 0); density 1 keeps everything."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    op = operators.MagnitudeOutliers(density, gamma, n)
+    vals = [float(x.abs().kthvalue(k).values) for k in op.ranks]
+    got = op.apply_(x.clone(), vals, TensorContext(name="t"), 0)
+    want = torch.zeros(n)
+    if density >= 1.0:
+        want = x.clone()
+    else:
+        keep, top = int(density * n), int(gamma * n)
+        bot = n - keep - top
+        if bot < 0:
+            top, bot = top + bot, 0
+        idx = x.abs().argsort()[bot:n - top]
+        want[idx] = x[idx]
+    assert torch.equal(got, want)
+    assert int(torch.count_nonzero(got)) == (n if density >= 1.0 else int(density * n))

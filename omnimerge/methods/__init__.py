@@ -10,6 +10,7 @@ from omnimerge.errors import RecipeError
 
 # --- the registry: one import per family file ---------------------------------------------------------------
 from omnimerge.methods import (
+    breadcrumbs,  # noqa: E402,F401  breadcrumbs, breadcrumbs_ties (composed sparse methods)
     knots,  # noqa: E402,F401  knots (KnOTS, LoRA merging in a shared SVD basis)
     linear,  # noqa: E402,F401  weight_average, task_arithmetic
     online,  # noqa: E402,F401  online_composition (modality mode)

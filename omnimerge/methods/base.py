@@ -266,7 +266,7 @@ class Capabilities:
             operations applies; None where the form does not hold (e.g. non-unit weights).
         from_weights: the method as ``fn(weights, ctx, **params) -> W`` of the experts' weights alone (the
             merged weight, not a delta): used when every expert is a full checkpoint; the base is then not read.
-        blockwise: a streamed implementation (see :class:`omnimerge.methods.ties.TiesBlockwise` for the
+        blockwise: a streamed implementation (see :class:`omnimerge.methods.operators.SparseBlockwise` for the
             protocol) used for tensors of at least ``blockwise_min_numel`` entries.
         compiled: the name of the compiled kernel family that runs the streamed implementation (``"ties"``).
     """
@@ -308,6 +308,8 @@ class MergeMethod:
     capabilities: Capabilities = field(default_factory=Capabilities)
     #: a check of the resolved parameters taken together (raises MethodParameterError), run before any work
     check: Callable[[Mapping[str, Any]], None] | None = None
+    #: how many experts the method merges: (at least, at most; None: no limit), checked before any work
+    experts: tuple[int, int | None] = (1, None)
 
     @property
     def doc(self) -> str:
@@ -327,6 +329,12 @@ class MergeMethod:
         ``params`` are the top-level ``parameters``; ``per_model`` the ``models[i].parameters``. Unknown names,
         wrong types and out-of-range values raise :class:`MethodParameterError` naming the parameter.
         """
+        lo, hi = self.experts
+        if len(per_model) < lo or (hi is not None and len(per_model) > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise MethodParameterError(
+                f"models: method '{self.name}' merges the base with {want} expert{'s' if hi != 1 else ''}; "
+                f"the recipe lists {len(per_model)}")
         known = {p.name: p for p in self.params}
         for key in params:
             if key not in known:
@@ -375,6 +383,7 @@ def merge_method(
     output_kind: str = "dense",
     capabilities: Capabilities | None = None,
     check: Callable[[Mapping[str, Any]], None] | None = None,
+    experts: tuple[int, int | None] = (1, None),
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as merge method ``name`` (decorator)."""
 
@@ -392,6 +401,7 @@ def merge_method(
             output_kind=output_kind,
             capabilities=capabilities or Capabilities(),
             check=check,
+            experts=experts,
         )
         return fn
 

@@ -21,8 +21,9 @@ import torch
 
 from omnimerge.methods.base import LowRank, Param, TensorContext, is_matrix, merge_method, scaling_param
 from omnimerge.methods.linear import WEIGHT, weighted_sum
+from omnimerge.methods.operators import dare_, disjoint_merge, trim_
 from omnimerge.methods.spectral import thin_svd
-from omnimerge.methods.ties import DENSITY, SEED, GlobalTiesPass, dare_, disjoint_merge, trim_
+from omnimerge.methods.ties import DENSITY, SEED, GlobalTiesPass
 
 MERGE = Param(
     "merge",
