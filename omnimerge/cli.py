@@ -214,15 +214,33 @@ def main() -> None:
         if code is None:
             code = getattr(e, "code", 0)
         sys.exit(code or 0)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # usage errors (a missing argument, an unknown option) and the like
+        usage, abort = _click_errors()
+        if isinstance(e, usage):
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        if isinstance(e, abort):
             sys.exit(1)
         raise
+
+
+def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """click's usage-error and abort classes: typer >= 0.23 raises those of its vendored copy of click
+    (``typer._click``), older typer those of click itself; both are matched."""
+    import importlib
+
+    usage: list[type[BaseException]] = []
+    abort: list[type[BaseException]] = []
+    for mod in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, "ClickException"):
+            usage.append(m.ClickException)
+        if hasattr(m, "Abort"):
+            abort.append(m.Abort)
+    return tuple(usage), tuple(abort)
 
 
 if __name__ == "__main__":

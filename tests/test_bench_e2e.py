@@ -40,7 +40,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def _methods() -> list[str]:
     from omnimerge.bench.runner import select_methods
 
-    return [m.name for m in select_methods(None)]
+    return [m.name for m in select_methods(None)[0]]
 
 
 def test_zoo_layout_and_calibration_record(quick_run: tuple[Path, dict]) -> None:
@@ -89,11 +89,15 @@ def test_results_files_have_the_right_shape(quick_run: tuple[Path, dict]) -> Non
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * (3 + len(_methods()))
     assert res["config"]["seed"] == SEED and res["failed_methods"] == []
+    # a method that cannot merge five experts (NearSwap: the base and one) is left out and said so, not failed
+    assert set(res["methods_not_run"]) == {"nearswap"} and "exactly 1 expert" in res["methods_not_run"]["nearswap"]
+    assert "not run: nearswap" in run["console"]
     dare = next(r for r in res["families"]["full"]["rows"] if r["name"] == "dare_ties")
     assert "mean" in dare
     assert {"family", "method", "avg", "avg_se", "normalized", *TASKS} <= set(rows[0])
     md = (out / "results.md").read_text()
     assert md.count("| Method | λ |") == 2 and "task_arithmetic" in md and "± " in md
+    assert "**Not run**" in md and "nearswap: models: method 'nearswap' merges the base with exactly 1" in md
     for fam in ("full", "lora"):
         for kind in ("bars", "radar"):
             png = out / f"{kind}_{fam}.png"

@@ -202,6 +202,25 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr and "missing.yaml" in res.stderr
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["merge", "RECIPE"], "Missing option '-o' / '--output'"),
+    (["merge", "RECIPE", "-o", "OUT", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
+    """Command-line mistakes (the typer/click usage errors, raised from typer's vendored click since typer
+    0.23) are shown as usage plus one error line, exit status 2; they once escaped as a traceback, status 1."""
+    exe = Path(sys.executable).with_name("omnimerge")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "omnimerge.cli"]
+    r = tmp_path / "r.yaml"
+    r.write_text("merge_method: ties\n")
+    argv = [str(r) if a == "RECIPE" else str(tmp_path / "o") if a == "OUT" else a for a in args]
+    res = subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and needle in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_atomic_output_all_or_nothing(tmp_path: Path) -> None:
     """The output folder of every run (engine, both modality runs): committed whole, or nothing left behind."""
     from omnimerge.checkpoint.writer import AtomicOutput

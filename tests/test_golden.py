@@ -20,8 +20,8 @@ from tests.conftest import GOLDEN, golden_root
 PENDING: dict[str, int] = {
     **dict.fromkeys(
         ["slerp", "nuslerp", "multislerp", "karcher", "model_stock",
-         "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion", "linear", "pcb", "consensus",
-         "emr", "magmax", "lines", "cart", "svc"], 14),
+         "sce", "arcee_fusion", "pcb",
+         "cart", "svc"], 14),
     **dict.fromkeys(["regmean", "fisher"], 17),
 }
 

@@ -618,8 +618,20 @@ def run_modality_bench(
         add_row(f"{m} expert", "expert", experts[m], experts, {})
     best = {c: max(r["columns"][c]["score"] for r in rows if r["kind"] == "expert") for c in COLUMNS}
 
-    names = list(methods) if methods else sorted(
-        n for n, m in registry().items() if getattr(m, "output_kind", "dense") == "dense")
+    not_run: dict[str, str] = {}
+    if methods:
+        names = list(methods)
+    else:  # every dense method that merges these experts with its default parameters; the others: said why
+        names = []
+        for n, m in sorted(registry().items()):
+            if getattr(m, "output_kind", "dense") != "dense":
+                continue
+            why = m.refusal(len(MODALITIES))
+            if why is None:
+                names.append(n)
+            else:
+                not_run[n] = why
+                log(f"  not run: {n} ({why})")
     scratch = out / ".merges"
     llm_holder = load("base", zoo.dir("base"))
 
@@ -661,7 +673,7 @@ def run_modality_bench(
     shutil.rmtree(scratch, ignore_errors=True)
     results = {
         "suite": "modality", "spec": asdict(spec), "zoo": str(zoo.root), "zoo_info": zoo.info,
-        "best_single": best, "rows": rows, "seconds": time.perf_counter() - t_start,
+        "best_single": best, "rows": rows, "methods_not_run": not_run, "seconds": time.perf_counter() - t_start,
         "tasks": {t: {"modalities": list(ms), "question": q} for t, (ms, q) in TASKS.items()},
     }
     write_reports(results, out)
@@ -693,6 +705,10 @@ def markdown(results: dict[str, Any]) -> str:
         if "error" not in r:
             per_task.append(f"| {r['name']} | " + " | ".join(f"{100 * r['tasks'][t]['score']:.1f}" for t in TASKS)
                             + " |")
+    not_run = results.get("methods_not_run") or {}
+    if not_run:
+        per_task += ["", "Not run (they cannot merge these experts with their default parameters): "
+                     + "; ".join(f"{k}: {v}" for k, v in not_run.items())]
     return "\n".join(lines + per_task) + "\n"
 
 

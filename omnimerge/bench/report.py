@@ -92,6 +92,10 @@ def write_markdown(results: dict[str, Any], path: str | Path, img_prefix: str = 
     if results.get("failed_methods"):
         out.append("> **Failed methods** — " + "; ".join(results["failed_methods"]))
         out.append("")
+    if results.get("methods_not_run"):
+        out.append("> **Not run** (they cannot merge these experts with their default parameters) — "
+                   + "; ".join(f"{k}: {v}" for k, v in results["methods_not_run"].items()))
+        out.append("")
     if "zoo_scores" in results:
         out.append("## Zoo calibration (test split; bold: expert on its own task, gain over the base)")
         out.append("")

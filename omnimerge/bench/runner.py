@@ -62,13 +62,25 @@ def _row(name: str, kind: str, res: dict[str, Any], experts: dict[str, float], *
     return row
 
 
-def select_methods(names: Sequence[str] | None) -> list[Any]:
+def select_methods(names: Sequence[str] | None, n_experts: int = len(TASKS)) -> tuple[list[Any], dict[str, str]]:
+    """The methods to run and, by name, the ones left out of the default list with the reason: every dense
+    method that can merge ``n_experts`` experts with its default parameters (a method named explicitly is
+    always run: a refusal is then recorded as its failure)."""
     from omnimerge.methods import get_method, registry
 
-    reg = registry()
-    if not names:
-        return [m for _, m in sorted(reg.items()) if getattr(m, "output_kind", "dense") == "dense"]
-    return [get_method(n) for n in names]
+    if names:
+        return [get_method(n) for n in names], {}
+    run: list[Any] = []
+    left_out: dict[str, str] = {}
+    for _, m in sorted(registry().items()):
+        if getattr(m, "output_kind", "dense") != "dense":
+            continue
+        why = m.refusal(n_experts)
+        if why is None:
+            run.append(m)
+        else:
+            left_out[m.name] = why
+    return run, left_out
 
 
 def run_bench(
@@ -127,7 +139,9 @@ def run_bench(
     info = zoo.info()
     if not info["calibration"]["ok"]:
         print_shortfall(info["calibration"], console, quick=cfg.quick)
-    meths = select_methods(methods)
+    meths, left_out = select_methods(methods)
+    for name, why in left_out.items():
+        console.print(f"[dim]not run: {name} ({markup_escape(why)})[/dim]")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     enc = Encoder()
@@ -137,6 +151,7 @@ def run_bench(
         "config": {"zoo_key": cfg.key(), "seed": cfg.seed, "quick": cfg.quick, "lambda_grid": list(LAMBDA_GRID), "select": DEFAULT_SELECT,
                    "n_val": cfg.n_val, "n_test": cfg.n_test, "tasks": list(TASKS), "zoo_root": str(zoo.root)},
         "merge_engine": "omnimerge.merge" if has_core_merge() else "in-memory",
+        "methods_not_run": left_out,
         "zoo_calibration": info["calibration"],
         "calibration_status": "ok" if info["calibration"]["ok"] else "shortfall",
         "zoo_scores": info["scores"],

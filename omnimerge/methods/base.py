@@ -321,6 +321,15 @@ class MergeMethod:
                 return p
         return None
 
+    def refusal(self, n_experts: int) -> str | None:
+        """Why this method cannot merge ``n_experts`` experts with its default parameters (None: it can). Lists
+        that run every method (the benchmarks) leave out the ones refused, saying why."""
+        try:
+            self.resolve({}, [{}] * n_experts)
+        except MethodParameterError as e:
+            return str(e)
+        return None
+
     def resolve(
         self, params: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]], where: str = "parameters"
     ) -> dict[str, Any]:

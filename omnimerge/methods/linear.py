@@ -1,4 +1,4 @@
-"""Linear methods: weight averaging (model soup) and task arithmetic."""
+"""Linear methods: weight averaging (model soup), task arithmetic and mergekit's linear merge."""
 
 from __future__ import annotations
 
@@ -117,3 +117,44 @@ def task_arithmetic(
     return acc.mul_(scaling) if scaling != 1.0 else acc
 
 
+NORMALIZE = Param("normalize", True, "divide by the sum of the per-model weights", bool)
+
+
+def _linear_of_weights(weights: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float],
+                       normalize: bool) -> torch.Tensor:
+    """W = sum_t w_t W_t [/ sum_t w_t]: the merged weight from the experts' weights alone."""
+    acc = weighted_sum(weights, weight, inplace=True)
+    return acc.div_(_sum_weights(weight)) if normalize else acc
+
+
+def _check_linear(params: Mapping[str, Any]) -> None:
+    if params["normalize"] and float(sum(params["weight"])) == 0.0:
+        raise MethodParameterError(
+            f"models[].parameters: linear with normalize: true divides by the sum of the per-model weights, "
+            f"and {list(params['weight'])} sums to zero")
+
+
+@merge_method(
+    "linear",
+    params=[WEIGHT, NORMALIZE],
+    summary="mergekit's linear merge: W = sum_t w_t W_t / sum_t w_t over the experts (normalize: false, the sum).",
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482); mergekit `linear`",
+    url="https://arxiv.org/abs/2203.05482",
+    capabilities=Capabilities(elementwise=True, from_weights=_linear_of_weights),
+    check=_check_linear,
+)
+def linear(
+    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, weight: Sequence[float],
+    normalize: bool,
+) -> torch.Tensor:
+    """Weighted average of the experts' weights (mergekit ``linear``, on the experts only).
+
+    W = sum_t w_t W_t / sum_t w_t, or sum_t w_t W_t with ``normalize: false``. As a delta:
+    sum_t w_t tau_t / sum_t w_t, or sum_t w_t tau_t + (sum_t w_t - 1) W0. In a mergekit recipe the base model
+    is one more input with its own weight; here the base is not averaged in (list it as a model to do so).
+    """
+    acc = weighted_sum(task_vectors, weight, inplace=True)
+    if normalize:
+        return acc.div_(_sum_weights(weight))
+    total = float(sum(weight))
+    return acc.add_(base, alpha=total - 1.0) if total != 1.0 else acc
