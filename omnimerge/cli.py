@@ -76,7 +76,15 @@ def methods(
 ) -> None:
     """List every merge method with its parameters, defaults and paper."""
     from omnimerge.methods import get_method, registry
+    from omnimerge.methods.modifiers import modifiers
 
+    mods = modifiers()
+    if name and name in mods and name not in registry():
+        md = mods[name]
+        out.print(f"[bold]{md.name}[/] (modifier, stage {md.stage}): {escape(md.summary)}\n[dim]{escape(md.paper)}[/]\n")
+        out.print(escape(md.doc) + "\n")
+        out.print(_param_table([md]))
+        return
     if name:
         m = get_method(name)
         out.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n[dim]{escape(m.paper)}[/] {m.url}\n")
@@ -88,6 +96,11 @@ def methods(
     for m in sorted(registry().values(), key=lambda m: m.name):
         out.print(f"[bold cyan]{m.name}[/] — {escape(m.summary)}\n  [dim]{escape(m.paper)}[/]")
         out.print(_param_table([m]))
+    out.print("\n[bold]modifiers[/] (recipe key `modifiers:`, composed with any method above; "
+              "`omnimerge methods NAME` for one):")
+    for md in sorted(mods.values(), key=lambda m: m.name):
+        out.print(f"[bold cyan]{md.name}[/] ({md.stage}) — {escape(md.summary)}\n  [dim]{escape(md.paper)}[/]")
+        out.print(_param_table([md]))
 
 
 def _param_table(ms: list) -> Table:  # type: ignore[type-arg]

@@ -61,6 +61,7 @@ from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method
 from omnimerge.methods.base import at_depth, has_schedule, plain
+from omnimerge.methods.modifiers import compose
 from omnimerge.options import MergeOptions
 from omnimerge.plan import DTYPES, Job, layer_of
 from omnimerge.recipe import Recipe
@@ -115,7 +116,7 @@ class MergeRun:
         self.sync = o.sync  # fsync the output before it is committed
         self.strategy = o.strategy
         self.hash_algorithm = hash_algorithm(o.hash_inputs)  # None: no input digests in the model card
-        self.method: MergeMethod = get_method(recipe.merge_method)
+        self.method: MergeMethod = compose(get_method(recipe.merge_method), recipe.modifiers)
         self.caps = self.method.capabilities
         if self.method.output_kind == "online" and recipe.mode != "modality":  # see omnimerge.modality
             raise RecipeError(f"merge_method: '{self.method.name}' keeps the experts' adapters apart (no merged "

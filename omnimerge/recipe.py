@@ -64,6 +64,9 @@ class Recipe(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     merge_method: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+    #: transforms composed with the method, in order: ``[{dare: {drop_rate: 0.5}}, {lines: {alpha: 0.3}}]``
+    #: (see :mod:`omnimerge.methods.modifiers`)
+    modifiers: list[Any] = Field(default_factory=list)
     select: Select = Field(default_factory=Select)
     dtype: DType = "float32"
     out_dtype: DType | None = None
@@ -82,6 +85,8 @@ class Recipe(BaseModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude={"base_dir"}, exclude_none=True)
+        if not data.get("modifiers"):
+            data.pop("modifiers", None)
         return yaml.safe_dump(data, sort_keys=False)
 
     @property

@@ -5,6 +5,7 @@ transformers naming layout merge exactly as if they had the base's layout."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,3 +83,57 @@ def test_sharded_output_loads(tmp_path: Path) -> None:
         if ".visual." in f".{name}":
             assert torch.equal(merged.state_dict()[name], t.to(torch.bfloat16))
     assert canonical_name("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+
+
+#: what a method needs beyond its defaults to run (the parameters it has no default for)
+REQUIRED: dict[str, dict[str, float]] = {"nearswap": {"t": 1e-3}, "slerp": {"t": 0.3}}
+
+
+def _dense_methods() -> list[str]:
+    from omnimerge.methods import registry
+
+    return sorted(n for n, m in registry().items() if m.output_kind == "dense")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], tuple[Path, list[Path]]]:
+    """Per (architecture, expert count), a tiny family, built on first use."""
+    root = tmp_path_factory.mktemp("arch-families")
+    cache: dict[tuple[str, int], tuple[Path, list[Path]]] = {}
+
+    class Lazy(dict):  # type: ignore[type-arg]
+        def __missing__(self, key: tuple[str, int]) -> tuple[Path, list[Path]]:
+            arch, n = key
+            cache[key] = build_family(root / f"{arch}-{n}", arch, n, seed=2)
+            return cache[key]
+
+    return Lazy()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("method", _dense_methods())
+def test_every_method_output_loads_with_its_class(arch: str, method: str, families: Any, tmp_path: Path) -> None:
+    """Every registered method, on a real architecture: the merge loads with the transformers class (no missing
+    or unexpected keys), runs a forward pass, changes the language model and leaves the other parts at the
+    base."""
+    from omnimerge.methods import get_method
+
+    lo, hi = get_method(method).experts
+    n = hi if hi is not None and hi < 3 else max(lo, 3)
+    base_dir, experts = families[(arch, n)]
+    omnimerge.merge({"base_model": str(base_dir), "models": [{"model": str(e)} for e in experts],
+                     "merge_method": method, "parameters": REQUIRED.get(method, {})},
+                    tmp_path / "merged", hash_inputs=False)
+    cls = model_class(arch)
+    merged, info = cls.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(merged(**dummy_inputs(arch)).logits).all()
+    bsd, msd = cls.from_pretrained(base_dir).state_dict(), merged.state_dict()
+    changed = 0
+    for name, w0 in bsd.items():
+        if classify(name, tuple(w0.shape)) == "language_model":
+            changed += not torch.equal(msd[name], w0)
+        else:
+            assert torch.equal(msd[name], w0), f"{method}: {name} must stay at the base"
+    assert changed > 0, f"{method} left every language-model tensor at the base"

@@ -20,8 +20,7 @@ from tests.conftest import GOLDEN, golden_root
 PENDING: dict[str, int] = {
     **dict.fromkeys(
         ["slerp", "nuslerp", "multislerp", "karcher", "model_stock",
-         "sce", "arcee_fusion", "pcb",
-         "cart", "svc"], 14),
+         "sce", "pcb"], 14),
     **dict.fromkeys(["regmean", "fisher"], 17),
 }
 

@@ -209,3 +209,32 @@ def test_refusal_says_why_a_method_cannot_run_with_its_defaults() -> None:
     assert "exactly 1 expert; the recipe lists 3" in (get_method("nearswap").refusal(3) or "")
     assert "needs 't'" in (get_method("nearswap").refusal(1) or "")  # one expert, but no default swap distance
     assert get_method("ties").refusal(3) is None and get_method("magmax").refusal(1) is None
+
+
+def test_arcee_fusion_keeps_the_outlier_importances(tmp_path: Path) -> None:
+    """Each entry is the base's or the expert's; the kept set is the importances at or above the outlier bar,
+    recomputed here in numpy float64 from the definition."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(40, 30, generator=g) * 0.05
+    tau = torch.randn(40, 30, generator=g) * 1e-3
+    tau[3, 4], tau[17, 0] = 0.4, -0.3  # two large changes: their rows' KL grows, their importances stand out
+    paths = _models(tmp_path, {EMBED: w0}, [{EMBED: tau}])
+    out = _merge(_recipe(paths, "arcee_fusion"))[EMBED]
+    w1 = (w0 + tau).double().numpy()
+    b = w0.double().numpy()
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(w1) + 1e-8, softmax(b) + 1e-8
+    imp = (np.abs(w1 - b) * (p * np.log(p / q)).sum(axis=1, keepdims=True)).ravel()
+    srt = np.sort(imp)
+    q1, q2, q3 = (srt[int(f * (imp.size - 1))] for f in (0.25, 0.5, 0.75))
+    keep = (imp >= q2 + 1.5 * (q3 - q1)).reshape(w0.shape)
+    assert 0 < keep.sum() < keep.size and keep[3, 4] and keep[17, 0]
+    expert = w0 + tau
+    assert torch.equal(out[torch.from_numpy(keep)], expert[torch.from_numpy(keep)])
+    assert torch.equal(out[torch.from_numpy(~keep)], w0[torch.from_numpy(~keep)])

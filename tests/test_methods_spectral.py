@@ -438,3 +438,48 @@ def test_thin_svd_of_wide_and_tall_matrices() -> None:
         torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=x.dtype))
         torch.testing.assert_close(vh @ vh.T, torch.eye(k, dtype=x.dtype))
         torch.testing.assert_close(s, torch.linalg.svdvals(x))
+
+
+# --- CART and SVC ----------------------------------------------------------------------------------------------
+
+
+def test_cart_with_two_experts_is_weight_averaging() -> None:
+    """Two centred task vectors are +-(tau_1 - tau_2)/2: their truncations cancel, leaving the mean."""
+    g = torch.Generator().manual_seed(3)
+    tvs = [torch.randn(24, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    out = run("cart", tvs, scaling=2.0, rank_ratio=0.25)
+    torch.testing.assert_close(out, (tvs[0] + tvs[1]) / 2, rtol=0, atol=1e-12)
+
+
+def test_cart_adds_the_rank_k_parts_of_the_centred_vectors() -> None:
+    g = torch.Generator().manual_seed(4)
+    tvs = [torch.randn(20, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    mean = sum(tvs) / 3
+    want = mean.clone()
+    k = max(1, int(0.2 * 12))  # 2
+    for tv in tvs:
+        u, s, vh = torch.linalg.svd(tv - mean)
+        want += 1.5 * (u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
+    torch.testing.assert_close(run("cart", tvs, scaling=1.5, rank_ratio=0.2), want, rtol=1e-10, atol=1e-12)
+    # a tiny ratio still keeps rank 1; non-matrix parameters get the mean
+    assert torch.linalg.matrix_rank(run("cart", tvs, scaling=1.0, rank_ratio=1e-6) - mean) <= 3
+    vecs = [t[0].clone() for t in tvs]
+    torch.testing.assert_close(run("cart", vecs, ctx=ctx_for("model.norm.weight", num_models=3)),
+                               sum(vecs) / 3, rtol=0, atol=1e-12)
+
+
+def test_svc_single_expert_and_disjoint_experts_closed_forms() -> None:
+    g = torch.Generator().manual_seed(5)
+    tau = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    # T = 1: s_r = lambda for every direction, gamma = 1 / max(alpha, lambda)
+    torch.testing.assert_close(run("svc", [tau], scaling=0.3, alpha=0.1), tau, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(run("svc", [tau], scaling=0.3, alpha=1.0), 0.3 * tau, rtol=1e-10, atol=1e-12)
+    # experts in disjoint diagonal blocks: each singular direction belongs to one task (s = lambda) and is
+    # orthogonal to the others (s = 0, floored at alpha): gamma = T / (lambda + (T - 1) alpha) everywhere
+    tvs = [torch.zeros(12, 12, dtype=torch.float64) for _ in range(3)]
+    for i, tv in enumerate(tvs):
+        tv[4 * i: 4 * i + 4, 4 * i: 4 * i + 4] = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    lam, alpha = 0.5, 0.2
+    gamma = 3 / (lam + 2 * alpha)
+    torch.testing.assert_close(run("svc", tvs, scaling=lam, alpha=alpha), gamma * lam * sum(tvs),
+                               rtol=1e-9, atol=1e-12)

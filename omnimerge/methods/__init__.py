@@ -14,8 +14,8 @@ from omnimerge.methods import (
     knots,  # noqa: E402,F401  knots (KnOTS, LoRA merging in a shared SVD basis)
     linear,  # noqa: E402,F401  weight_average, task_arithmetic
     online,  # noqa: E402,F401  online_composition (modality mode)
-    selection,  # noqa: E402,F401  magmax, emr, ram, ramplus_tl, consensus, nearswap, lines
-    spectral,  # noqa: E402,F401  tsv, iso_c, iso_cts
+    selection,  # noqa: E402,F401  magmax, emr, ram, ramplus_tl, consensus, nearswap, lines, arcee_fusion
+    spectral,  # noqa: E402,F401  tsv, iso_c, iso_cts, cart, svc
     ties,  # noqa: E402,F401  ties, dare_ta, dare_ties
     wudi,  # noqa: E402,F401  wudi, optmerge, swudi, aswudi
 )

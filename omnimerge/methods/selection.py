@@ -1,7 +1,8 @@
 """Entry-selection methods: per entry, which experts' deltas enter the merge (MagMax, EMR, RAM, TALL consensus,
-NearSwap) and LiNeS's depth scaling of task arithmetic.
+NearSwap, Arcee Fusion) and LiNeS's depth scaling of task arithmetic.
 
-Except RAM+ (whose boosts are counts over the tensor) every method here is elementwise: each output entry
+Except RAM+ (whose boosts are counts over the tensor) and Arcee Fusion (a threshold over the tensor's
+importances) every method here is elementwise: each output entry
 depends on the same entry of the inputs only, so the engine streams them block by block. Definitions and
 defaults follow the references named per method (see ``../shared/golden/README.md`` for the conventions the
 golden cases pin down).
@@ -16,6 +17,7 @@ import torch
 
 from omnimerge.errors import MethodParameterError
 from omnimerge.methods.base import Capabilities, Param, TensorContext, merge_method, scaling_param
+from omnimerge.methods.operators import kth_smallest
 
 ELEMENTWISE = Capabilities(elementwise=True)
 
@@ -221,3 +223,39 @@ def lines(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorC
     if ctx.layer is not None and ctx.num_layers > 1:
         coef = alpha + beta * ctx.layer / (ctx.num_layers - 1)
     return acc.mul_(coef)
+
+
+@merge_method(
+    "arcee_fusion",
+    params=[],
+    summary="Arcee Fusion: keep the expert's changes whose importance (|delta| times the row's KL) is an outlier.",
+    paper="mergekit Arcee Fusion (Arcee AI, mergekit 0.1.x `arcee_fusion`)",
+    url="https://github.com/arcee-ai/mergekit",
+    experts=(1, 1),
+)
+def arcee_fusion(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """Arcee Fusion (mergekit ``arcee_fusion``), the base W0 and one expert W1 = W0 + tau, in float64.
+
+    Per row i (over the input dimension; a 1-D tensor is one row): p_i = softmax(W1[i, :]) + 1e-8,
+    q_i = softmax(W0[i, :]) + 1e-8, KL_i = sum_j p_ij log(p_ij / q_ij). Importance I = |tau| * KL_i (broadcast
+    along the row). theta = Q2 + 1.5 (Q3 - Q1) with Q_k = I_(floor(q_k (n - 1))) for q = 0.25, 0.5, 0.75, the
+    lower order statistics of all n importances (no interpolation). W = W0 + tau [I >= theta].
+    The rows are nearly uniform softmaxes, where a float32 KL is off by up to ~15 %: everything is float64.
+    mergekit estimates the quartiles of tensors above 10^6 entries from 10^6 random samples (drawn anew on each
+    run); here they are exact for every tensor, so the merge is reproducible.
+    """
+    tau = task_vectors[0]
+    w0 = base.to(torch.float64)
+    t64 = tau.to(torch.float64)
+    rows0 = w0.reshape(-1, w0.shape[-1]) if w0.dim() > 1 else w0.reshape(1, -1)
+    rows1 = (w0 + t64).reshape(rows0.shape)
+    p = torch.softmax(rows1, dim=-1).add_(1e-8)
+    q = torch.softmax(rows0, dim=-1).add_(1e-8)
+    kl = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
+    del p, q, rows1
+    imp = (t64.reshape(rows0.shape).abs_().mul_(kl)).reshape(-1)
+    n = imp.numel()
+    q1, q2, q3 = (float(kth_smallest(imp, int(f * (n - 1)) + 1)) for f in (0.25, 0.5, 0.75))  # 1-based
+    theta = q2 + 1.5 * (q3 - q1)
+    keep = (imp >= theta).reshape(tau.shape)
+    return tau.mul_(keep.to(tau.dtype))

@@ -1,6 +1,6 @@
-"""Spectral methods: TSV-Merge, Iso-C and Iso-CTS, and the SVD helpers shared with the WUDI family.
+"""Spectral methods: TSV-Merge, Iso-C and Iso-CTS, CART and SVC, and the SVD helpers shared with the WUDI family.
 
-All three act on every 2-D parameter except the lm_head (:func:`~omnimerge.methods.base.is_matrix`); every
+TSV, Iso-C, Iso-CTS and CART act on every 2-D parameter except the lm_head (:func:`~omnimerge.methods.base.is_matrix`); every
 other parameter gets the mean task vector (MLLMerging / FusionBench convention). Definitions follow the code
 behind the OptMerge paper's baselines (MLLMerging ``LLaMA-Factory/baseline_merging.py``: ``svd_merging``,
 ``iso_merging``) and FusionBench ``method/isotropic_merging/iso_utils.py`` (``iso_c``, ``iso_cts``).
@@ -410,8 +410,91 @@ def iso_cts(
     return (left @ polar(vh_all)).mul_(sigma * scaling)
 
 
+
+# --- CART, SVC -------------------------------------------------------------------------------------------------
+
+
+@merge_method(
+    "cart",
+    params=[
+        Param("scaling", 2.0, "lambda: multiplies the sum of the centred low-rank parts (the authors' 'prior')",
+              float),
+        Param("rank_ratio", 0.12, "share of min(m, n) kept by each centred task vector's truncated SVD (the "
+              "authors' 'initial_rank_ratio'); at least rank 1", float, low=0.0, high=1.0, low_open=True),
+    ],
+    summary="CART: the mean task vector plus lambda times the low-rank parts of the centred task vectors.",
+    paper="Choi et al., Revisiting Weight Averaging for Model Merging (arXiv 2412.12153)",
+    url="https://arxiv.org/abs/2412.12153",
+)
+@upcast_half
+def cart(
+    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, scaling: float,
+    rank_ratio: float,
+) -> torch.Tensor:
+    """CART, centred task arithmetic (the authors' ``StaticMergeModule._merge_weights('CART')``).
+
+    tau_bar = (1/T) sum_t tau_t; W = W0 + tau_bar + lambda sum_t SVD_k(tau_t - tau_bar), SVD_k the best rank-k
+    approximation (economy SVD, top k triplets), k = max(1, int(rank_ratio min(m, n))). Around the weight
+    average the centred vectors are low rank; with two experts they are +-(tau_1 - tau_2)/2, their truncations
+    cancel, and CART is exactly weight averaging. The reference picks its matrices by name (``attn`` or
+    ``mlp``); here every 2-D parameter but the lm_head, as the other spectral methods; other parameters get
+    tau_bar.
+    """
+    mean = mean_of(task_vectors)
+    if not is_matrix(ctx, mean):
+        return mean
+    k = max(1, int(rank_ratio * min(mean.shape)))
+    low = torch.zeros_like(mean)
+    for tv in task_vectors:
+        u, s, vh = thin_svd(tv.sub_(mean))
+        low.addmm_(u[:, :k] * s[:k], vh[:k])
+    return mean.add_(low, alpha=scaling)
+
+
+@merge_method(
+    "svc",
+    params=[
+        Param("scaling", 0.3, "lambda: the task-arithmetic coefficient, applied before the calibration", float),
+        Param("alpha", 1.0, "floor of each task's projection ratio: gamma_r = T / sum_t max(alpha, s_r^t), at most "
+              "T / (T alpha) = 1 / alpha (FusionBench's class default 1.0; its task-arithmetic config 0.1)", float,
+              low=0.0, low_open=True),
+    ],
+    summary="SVC: task arithmetic with each singular direction rescaled by how consistently the tasks share it.",
+    paper="Singular Value Calibration for model merging (arXiv 2602.05536)",
+    url="https://arxiv.org/abs/2602.05536",
+)
+def svc(
+    base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, scaling: float, alpha: float,
+) -> torch.Tensor:
+    """Singular Value Calibration on task arithmetic (FusionBench ``SingularValueCalibrationArithmeticTask``,
+    its float64 implementation).
+
+    dW = lambda sum_t tau_t = U S V^T (thin SVD). Per direction r: a_r = u_r^T dW, a_r^t = u_r^T tau_t,
+    s_r^t = <a_r, a_r^t> / max(||a_r^t||^2, 1e-12) (NaN -> alpha), gamma_r = T / sum_t max(alpha, s_r^t);
+    W = W0 + U diag(gamma * S) V^T. lambda acts before the calibration (s scales with it): W is not
+    W0 + lambda SVC(sum tau). Computed in float64, cast back. Parameters other than 2-D ones get dW.
+    """
+    dt = task_vectors[0].dtype
+    total = task_vectors[0].clone()
+    for tv in task_vectors[1:]:
+        total.add_(tv)
+    if total.dim() != 2:
+        return total.mul_(scaling)
+    dw = total.to(torch.float64).mul_(scaling)
+    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    a = u.T @ dw  # (k, n): row r is u_r^T dW
+    denom = torch.zeros_like(s)
+    for tv in task_vectors:
+        at = u.T @ tv.to(torch.float64)
+        ratio = (a * at).sum(dim=1) / (at * at).sum(dim=1).clamp_(min=1e-12)
+        denom.add_(torch.nan_to_num(ratio, nan=alpha).clamp_(min=alpha))
+    gamma = len(task_vectors) / denom
+    return ((u * (gamma * s)) @ vh).to(dt)
+
+
 __all__ = [
     "SVD_PARAMS",
+    "cart",
     "SvdOptions",
     "all_factors",
     "combine_factors",
@@ -421,6 +504,7 @@ __all__ = [
     "iso_cts_sizes",
     "polar",
     "randomized_svd",
+    "svc",
     "task_triplets",
     "truncated_svd",
     "tsv",
