@@ -14,8 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeOptions", "Merger", "Recipe", "__version__", "load_recipe", "merge", "merge_into",
-           "merge_state_dict"]
+__all__ = ["MergeOptions", "Merger", "Recipe", "__version__", "load_recipe", "load_task_model", "merge",
+           "merge_into", "merge_state_dict"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import omnimerge` stays cheap (no torch import)
@@ -27,6 +27,10 @@ def __getattr__(name: str) -> Any:  # lazy: `import omnimerge` stays cheap (no t
         from omnimerge.options import MergeOptions
 
         return MergeOptions
+    if name == "load_task_model":
+        from omnimerge.task_models import load_task_model
+
+        return load_task_model
     if name in ("load_recipe", "Recipe"):
         from omnimerge import recipe
 

@@ -59,7 +59,7 @@ from omnimerge.kernels import CHUNK as KERNEL_CHUNK
 from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
-from omnimerge.methods import MergeMethod, TensorContext, get_method
+from omnimerge.methods import MergeMethod, TensorContext, get_method, registry
 from omnimerge.methods.base import at_depth, has_schedule, plain
 from omnimerge.methods.modifiers import compose
 from omnimerge.options import MergeOptions
@@ -67,6 +67,7 @@ from omnimerge.plan import DTYPES, Job, layer_of
 from omnimerge.recipe import Recipe
 from omnimerge.report import MergeReport, component_counts
 from omnimerge.sinks import ModelSink, Sink, StateDictSink
+from omnimerge.task_models import TASK_DIR, TaskMaskWriter
 
 __all__ = ["DTYPES", "FUSED_BLOCK", "Job", "MergeReport", "MergeRun"]
 
@@ -130,6 +131,19 @@ class MergeRun:
             raise RecipeError(f"shard_size: must be positive, got {recipe.shard_size!r}")
         if recipe.output == "lora" and recipe.rank is None:
             raise RecipeError("rank: required with output: lora (the rank of the merged adapter)")
+        #: with the recipe's task_models: the per-task masks being written (see omnimerge.task_models)
+        self._task_masks: Any = None
+        if recipe.task_models:
+            if self.caps.task_masks is None:
+                have = sorted(n for n, m in registry().items() if m.capabilities.task_masks is not None)
+                raise RecipeError(f"task_models: method '{self.method.name}' has no per-task masks (methods that "
+                                  f"do: {', '.join(have)})")
+            if recipe.output != "full" or recipe.mode != "capability":
+                raise RecipeError("task_models: only with output: full and mode: capability (one unified model)")
+            if has_schedule(self.kwargs):
+                raise RecipeError("task_models: give single parameter values (the masks' loader rebuilds every "
+                                  "tensor with one scaling)")
+            self.strategy = "whole"  # the masks are computed from each tensor's whole task vectors
         if self.output is not None and self.output.exists() and not self.overwrite:
             raise OutputError(f"{self.output}: already exists (use --overwrite to replace it)")
         self.base: Checkpoint | None = None
@@ -656,6 +670,8 @@ class MergeRun:
         """The base tensor and the method's delta for it (in the base's compute dtype), whole."""
         base, tvs, factors = self._inputs(job)
         ctx = self._context(job, factors, stats)
+        if self._task_masks is not None:
+            self._task_masks.add(job.name, self.caps.task_masks(tvs, ctx, **job.kwargs))
         delta = self.method.fn(base, tvs, ctx, **job.kwargs)
         del tvs
         self._check_shape(delta, base.shape, f"tensor '{job.name}'")
@@ -741,6 +757,8 @@ class MergeRun:
         state dict)."""
         if self.recipe.output != "full":
             raise RecipeError("output: lora merges write a PEFT adapter folder; merge in memory with output: full")
+        if self.recipe.task_models:
+            raise RecipeError("task_models: the per-task masks are written beside a checkpoint; merge to a folder")
         t0 = time.perf_counter()
         self._counts = {}
         jobs = self._prepare()
@@ -800,9 +818,19 @@ class MergeRun:
                         metadata={"omnimerge_method": self.method.name},
                         sync=self.sync,
                     )
+                    if self.recipe.task_models:
+                        self._task_masks = TaskMaskWriter(
+                            tmp / TASK_DIR, [(j.name, j.meta.shape) for j in jobs if j.merged],
+                            [s.label for s in self.experts], self.shard_bytes, sync=self.sync)
                     self.stream(jobs, writer, stats)
                     shard_files = writer.finish()
                     writer = None
+                    if self._task_masks is not None:
+                        task_index = self._task_masks.finish(
+                            method=self.method.name, scaling=float(self.kwargs.get("scaling", 1.0)),
+                            base_model=str(self.base.path.resolve()),
+                            expert_bytes=sum(j.meta.numel * element_size(j.meta.dtype) for j in jobs)
+                            * len(self.experts))
                 out_dtype_name = self.recipe.out_dtype if self.recipe.output == "full" else None
                 copy_auxiliary(self.base.path, tmp, out_dtype_name)
                 if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
@@ -810,6 +838,9 @@ class MergeRun:
                 if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
                     (tmp / "config.json").unlink(missing_ok=True)
                 report = self._report(jobs, time.perf_counter() - t0, shard_files)
+                if self._task_masks is not None:
+                    report.task_models = {k: task_index[k] for k in ("tasks", "rescalers", "mask_bytes",
+                                                                     "experts_bytes")}
                 if lora:
                     report.lora_rank, report.lora_modules = int(lora["lora_rank"]), int(lora["lora_modules"])
                     report.lora_modules_to_save = list(lora["lora_modules_to_save"])
@@ -829,6 +860,9 @@ class MergeRun:
             finally:
                 if writer is not None:
                     writer.close()
+                if self._task_masks is not None:
+                    self._task_masks.close()
+                    self._task_masks = None
                 if hasher is not None:
                     hasher.cancel()
                 self.close()

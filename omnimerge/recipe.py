@@ -80,13 +80,17 @@ class Recipe(BaseModel):
     #: architecture is written, each with its own encoder/projector (see omnimerge.modality).
     mode: Literal["capability", "modality"] = "capability"
     rank: int | None = Field(default=None, ge=1)
+    #: also write the per-task masks and rescalers that rebuild each expert's task-specific model from the
+    #: unified merge (methods with per-task masks: emr; see omnimerge.task_models)
+    task_models: bool = False
     #: folder that relative paths are resolved against (the recipe file's folder); not part of the YAML
     base_dir: str | None = Field(default=None, exclude=True)
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude={"base_dir"}, exclude_none=True)
-        if not data.get("modifiers"):
-            data.pop("modifiers", None)
+        for key in ("modifiers", "task_models"):  # written only when used
+            if not data.get(key):
+                data.pop(key, None)
         return yaml.safe_dump(data, sort_keys=False)
 
     @property

@@ -33,6 +33,8 @@ class MergeReport:
     #: per strategy, the number of merged tensors that took it (``fused``, ``from_weights``, ``blockwise``,
     #: ``whole``)
     strategies: dict[str, int] = field(default_factory=dict)
+    #: with the recipe's ``task_models``: the tasks, their rescalers, the masks' bytes and the T experts' bytes
+    task_models: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         mb = self.input_bytes / 1e6
@@ -43,6 +45,10 @@ class MergeReport:
             else f"merged {self.merged} tensors, copied {self.copied} from the base"
         )
         where = self.output if self.output is not None else "memory"
+        if self.task_models:
+            tm = self.task_models
+            what += (f", with per-task masks for {len(tm['tasks'])} tasks ({tm['mask_bytes'] / 1e6:.1f} MB; the "
+                     f"{len(tm['tasks'])} experts: {tm['experts_bytes'] / 1e6:.1f} MB)")
         return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {where}"
 
 

@@ -31,7 +31,7 @@ import torch
 from omnimerge.errors import MethodParameterError
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TensorContext",
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TaskMasks", "TensorContext",
            "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
@@ -254,6 +254,18 @@ MethodFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
+class TaskMasks:
+    """One tensor's per-task masks of a unified merge: task t's model is
+    W_t = W0 + r_t (masks[t] * tau_uni), tau_uni the unified task vector (the merged delta / scaling) and r_t
+    = sum l1_tau[t] / sum l1_kept[t] over every merged tensor (1 where ``rescale`` is false)."""
+
+    masks: list[torch.Tensor]  # bool, the tensor's shape, one per expert
+    l1_tau: list[float]  # per expert: sum |tau_t| over this tensor
+    l1_kept: list[float]  # per expert: sum |masks[t] * tau_uni| over this tensor
+    rescale: bool = True
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What the engine may do with a method besides calling ``fn`` on whole tensors; each gives the same bits.
 
@@ -269,6 +281,9 @@ class Capabilities:
         blockwise: a streamed implementation (see :class:`omnimerge.methods.operators.SparseBlockwise` for the
             protocol) used for tensors of at least ``blockwise_min_numel`` entries.
         compiled: the name of the compiled kernel family that runs the streamed implementation (``"ties"``).
+        task_masks: ``task_masks(task_vectors, ctx, **params) -> TaskMasks``: the per-task masks (and rescaler
+            sums) that rebuild each expert's task-specific model from the unified merge (EMR); the task vectors
+            must not be modified. Used with the recipe's ``task_models: true``.
     """
 
     elementwise: bool = False
@@ -277,6 +292,7 @@ class Capabilities:
     blockwise: Any = None
     blockwise_min_numel: int = 1 << 18
     compiled: str | None = None
+    task_masks: Callable[..., TaskMasks] | None = None
 
     def describe(self) -> list[str]:
         """The declared capabilities in words (for ``omnimerge methods``)."""
@@ -289,6 +305,8 @@ class Capabilities:
             out.append("computed from the experts' weights alone")
         if self.blockwise is not None:
             out.append("streamed implementation" + (f" (compiled: {self.compiled})" if self.compiled else ""))
+        if self.task_masks is not None:
+            out.append("per-task models from the unified merge (task_models: true)")
         return out
 
 

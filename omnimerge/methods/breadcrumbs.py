@@ -23,8 +23,9 @@ PAPER = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Mergin
         "(arXiv 2312.06795)"
 URL = "https://arxiv.org/abs/2312.06795"
 
-DENSITY = Param("density", 1.0, "fraction of each task vector's entries kept (after the gamma outliers); 1 keeps "
-                "everything, outliers included (mergekit)", float, low=0.0, high=1.0, low_open=True)
+DENSITY = Param("density", 0.9, "fraction of each task vector's entries kept (after the gamma outliers); 1 keeps "
+                "everything, outliers included: mergekit's default, which makes the method task arithmetic",
+                float, low=0.0, high=1.0, low_open=True)
 GAMMA = Param("gamma", 0.01, "fraction of each task vector's largest-magnitude entries dropped as outliers", float,
               low=0.0, high=1.0)
 NORMALIZE = Param("normalize", False, "divide by the sum of the (agreeing) per-model weights", bool)
@@ -59,8 +60,9 @@ sparse_method(
     Per expert, with N = numel(tau_t): rank |tau_t|, drop the n_top = int(gamma N) largest and keep the next
     int(density N) (if they do not fit, n_top shrinks so that the int(density N) smallest are kept); m_t is
     that mask, d_t = w_t (m_t * tau_t). W = W0 + lambda sum_t d_t, divided by sum_t w_t if ``normalize``.
-    ``density`` 1 leaves the task vectors whole (mergekit). ``rescale``: m_t * tau_t is scaled back to the L1
-    norm of tau_t.
+    ``density`` 1 leaves the task vectors whole, so mergekit's default (1) silently makes Breadcrumbs task
+    arithmetic; the default here, 0.9 with gamma 0.01, keeps the middle 90 % of each task vector's magnitudes
+    (the paper masks both tails). ``rescale``: m_t * tau_t is scaled back to the L1 norm of tau_t.
     """,
 )
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from omnimerge.errors import MethodParameterError
-from omnimerge.methods.base import Capabilities, Param, TensorContext, merge_method, scaling_param
+from omnimerge.methods.base import Capabilities, Param, TaskMasks, TensorContext, merge_method, scaling_param
 from omnimerge.methods.operators import kth_smallest
 
 ELEMENTWISE = Capabilities(elementwise=True)
@@ -54,15 +54,17 @@ def magmax(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: Tensor
     summary="EMR-Merging's unified task vector: elected sign times the largest agreeing magnitude.",
     paper="Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, NeurIPS 2024 (arXiv 2405.17461)",
     url="https://arxiv.org/abs/2405.17461",
-    capabilities=ELEMENTWISE,
+    capabilities=Capabilities(elementwise=True, task_masks=lambda tvs, ctx, **kw: emr_task_masks(tvs)),
 )
 def emr(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *,
         scaling: float) -> torch.Tensor:
     """EMR-Merging, unified task vector (FusionBench ``emr_merge``).
 
     gamma = sign(sum_t tau_t) with 0 -> -1; eps = max_{t: tau_t gamma > 0} |tau_t| (0 where none agrees);
-    tau_uni = gamma eps; W = W0 + scaling tau_uni. (EMR's per-task masks and rescalers, which recover one
-    model per task, are not part of this merged model.)
+    tau_uni = gamma eps; W = W0 + scaling tau_uni. With the recipe's ``task_models: true`` the merge also
+    writes EMR's per-task masks M_t = [tau_t gamma > 0] and rescalers r_t = sum |tau_t| / sum |M_t tau_uni|
+    (sums over every merged tensor), from which ``omnimerge.load_task_model`` rebuilds task t's model
+    W0 + r_t M_t tau_uni (:func:`emr_task_masks`).
     """
     total = task_vectors[0].clone()
     for tv in task_vectors[1:]:
@@ -72,6 +74,24 @@ def emr(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorCon
     for tv in task_vectors:
         eps = torch.maximum(eps, torch.where(tv * gamma > 0, tv.abs(), 0.0))
     return eps.mul_(gamma).mul_(scaling)
+
+
+def emr_task_masks(task_vectors: Sequence[torch.Tensor]) -> TaskMasks:
+    """EMR's per-task masks M_t = [tau_t gamma > 0] (gamma as in ``emr``) and the sums of its rescalers
+    (FusionBench ``emr_merge``): sum |tau_t| and sum |M_t tau_uni| over the tensor, in float64. The task vectors
+    are not modified."""
+    total = task_vectors[0].clone()
+    for tv in task_vectors[1:]:
+        total.add_(tv)
+    gamma = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
+    del total
+    masks = [tv * gamma > 0 for tv in task_vectors]
+    eps = torch.zeros_like(gamma)
+    for tv, m in zip(task_vectors, masks, strict=True):
+        eps = torch.maximum(eps, torch.where(m, tv.abs(), 0.0))
+    l1_tau = [float(tv.abs().sum(dtype=torch.float64)) for tv in task_vectors]
+    l1_kept = [float(torch.where(m, eps, 0.0).sum(dtype=torch.float64)) for m in masks]
+    return TaskMasks(masks, l1_tau, l1_kept, rescale=True)
 
 
 EPSILON = Param("epsilon", 1e-5, "RAM: an entry of tau_t is active where |tau_t| > epsilon", float, low=0.0)
