@@ -16,6 +16,7 @@ from omnimerge.methods import (
     online,  # noqa: E402,F401  online_composition (modality mode)
     selection,  # noqa: E402,F401  magmax, emr, ram, ramplus_tl, consensus, nearswap, lines, arcee_fusion
     spectral,  # noqa: E402,F401  tsv, iso_c, iso_cts, cart, svc
+    spherical,  # noqa: E402,F401  slerp, nuslerp, multislerp, karcher, model_stock
     ties,  # noqa: E402,F401  ties, dare_ta, dare_ties
     wudi,  # noqa: E402,F401  wudi, optmerge, swudi, aswudi
 )
