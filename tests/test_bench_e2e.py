@@ -89,8 +89,11 @@ def test_results_files_have_the_right_shape(quick_run: tuple[Path, dict]) -> Non
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * (3 + len(_methods()))
     assert res["config"]["seed"] == SEED and res["failed_methods"] == []
-    # a method that cannot merge five experts (NearSwap: the base and one) is left out and said so, not failed
-    assert set(res["methods_not_run"]) == {"nearswap"} and "exactly 1 expert" in res["methods_not_run"]["nearswap"]
+    # the methods that cannot merge five experts (NearSwap, SLERP, Arcee Fusion: the base and one; NuSLERP: two)
+    # are left out and said so, not failed
+    assert set(res["methods_not_run"]) == {"nearswap", "slerp", "arcee_fusion", "nuslerp"}, res["methods_not_run"]
+    assert "exactly 1 expert" in res["methods_not_run"]["nearswap"]
+    assert "exactly 2 experts" in res["methods_not_run"]["nuslerp"]
     assert "not run: nearswap" in run["console"]
     dare = next(r for r in res["families"]["full"]["rows"] if r["name"] == "dare_ties")
     assert "mean" in dare

@@ -42,11 +42,54 @@ OMNI = {
     "ties": ("ties", {"scaling": 1.0, "density": 0.2}),
     "dare_ties": ("dare_ties", {"scaling": 1.0, "drop_rate": 0.5, "density": 1.0, "seed": 0}),
 }
+# The field's methods (issue 14), omnimerge and, where mergekit has the method, mergekit, with equal parameters;
+# run them with --methods (e.g. --methods breadcrumbs,slerp,model_stock); mergekit-less ones time omnimerge only.
+OMNI.update({
+    "breadcrumbs": ("breadcrumbs", {"scaling": 1.0, "density": 0.9, "gamma": 0.01}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"scaling": 1.0, "density": 0.9, "gamma": 0.01}),
+    "della": ("della", {"scaling": 1.0, "density": 0.5, "epsilon": 0.15, "seed": 0}),
+    "della_linear": ("della_linear", {"scaling": 1.0, "density": 0.5, "epsilon": 0.15, "seed": 0}),
+    "sce": ("sce", {"select_topk": 0.3}),
+    "ram": ("ram", {}),
+    "ramplus_tl": ("ramplus_tl", {}),
+    "nearswap": ("nearswap", {"t": 1e-3}),
+    "arcee_fusion": ("arcee_fusion", {}),
+    "slerp": ("slerp", {"t": 0.3}),
+    "nuslerp": ("nuslerp", {}),
+    "multislerp": ("multislerp", {}),
+    "karcher": ("karcher", {}),
+    "model_stock": ("model_stock", {}),
+    "magmax": ("magmax", {"scaling": 1.0}),
+    "emr": ("emr", {"scaling": 1.0}),
+    "consensus": ("consensus", {"scaling": 1.0}),
+    "lines": ("lines", {}),
+    "cart": ("cart", {}),
+    "svc": ("svc", {}),
+    "pcb": ("pcb", {}),
+})
+#: methods of the base and fewer experts than the case has: they merge the first ones
+N_EXPERTS = {"nearswap": 1, "arcee_fusion": 1, "slerp": 1, "nuslerp": 2}
+#: random methods: their outputs are compared by statistics, not entry by entry
+RANDOM = {"dare_ties", "della", "della_linear"}
 MK = {
     "linear": ({}, {"weight": 1.0}),
     "task_arithmetic": ({"lambda": 0.3}, {"weight": 1.0}),
     "ties": ({"lambda": 1.0, "normalize": True}, {"weight": 1.0, "density": 0.2}),
     "dare_ties": ({"lambda": 1.0, "normalize": True, "rescale": True}, {"weight": 1.0, "density": 0.5}),
+    "breadcrumbs": ({"lambda": 1.0, "normalize": False}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}),
+    "breadcrumbs_ties": ({"lambda": 1.0, "normalize": False}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}),
+    "della": ({"lambda": 1.0, "normalize": True}, {"weight": 1.0, "density": 0.5, "epsilon": 0.15}),
+    "della_linear": ({"lambda": 1.0, "normalize": False}, {"weight": 1.0, "density": 0.5, "epsilon": 0.15}),
+    "sce": ({"select_topk": 0.3}, {"weight": 1.0}),
+    "ram": ({}, {}),
+    "ramplus_tl": ({}, {}),
+    "nearswap": ({"t": 1e-3}, {}),
+    "arcee_fusion": ({}, {}),
+    "slerp": ({"t": 0.3}, {}),
+    "nuslerp": ({}, {"weight": 1.0}),
+    "multislerp": ({}, {"weight": 1.0}),
+    "karcher": ({}, {}),
+    "model_stock": ({}, {}),
 }
 
 
@@ -65,9 +108,9 @@ def omni_recipe(method: str, base: Path, experts: list[Path]) -> dict:
 
 def mk_config(method: str, base: Path, experts: list[Path]) -> dict:
     top, per = MK[method]
-    cfg: dict = {"merge_method": method, "models": [{"model": str(e), "parameters": dict(per)} for e in experts],
-                 "dtype": "bfloat16"}
-    if method != "linear":
+    models = [{"model": str(e), **({"parameters": dict(per)} if per else {})} for e in experts]
+    cfg: dict = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method not in ("linear", "karcher"):  # karcher: as omnimerge, the experts only (see the golden README)
         cfg["base_model"] = str(base)
     if top:
         cfg["parameters"] = dict(top)
@@ -243,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         run_mk_here = mk_exe is not None and (T == 3 or a.mergekit_scaling or a.quick)
         cdir = work / f"{model}-T{T}"
         cdir.mkdir(parents=True, exist_ok=True)
+        all_experts = experts
         for method in methods:
             if not (a.quick or T == 3 or a.all_methods_scaling or a.cases or method in SCALING_METHODS):
                 continue
-            entry: dict = {}
+            experts = all_experts[:N_EXPERTS.get(method, T)]
+            entry: dict = {"experts": len(experts)}
             rp = cdir / f"omni-{method}.yaml"
             rp.write_text(yaml.safe_dump(omni_recipe(method, base, experts), sort_keys=False))
             omni_out = cdir / f"out-omni-{method}"
@@ -273,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"max RSS {r['max_rss'] / 1e9:.2f} GB, anon {r['peak_anon'] / 1e9:.2f} GB, load {la:.2f}")
             if runs:
                 entry["omnimerge_like"] = best_of(runs)
-            if run_mk_here:
+            if run_mk_here and method in MK:
                 assert mk_exe is not None
                 cp = cdir / f"mk-{method}.yaml"
                 cp.write_text(yaml.safe_dump(mk_config(method, base, experts), sort_keys=False))
@@ -297,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 if not runs or "omnimerge" not in entry:
                     pass
-                elif method == "dare_ties":
+                elif method in RANDOM:
                     entry["agreement"] = {"omnimerge": delta_stats(omni_out, base),
                                           "mergekit": delta_stats(mk_out, base)}
                 else:

@@ -10,7 +10,9 @@ from omnimerge.errors import RecipeError
 
 # --- the registry: one import per family file ---------------------------------------------------------------
 from omnimerge.methods import (
+    balancing,  # noqa: E402,F401  sce, pcb (variance selection, parameter competition balancing)
     breadcrumbs,  # noqa: E402,F401  breadcrumbs, breadcrumbs_ties (composed sparse methods)
+    della,  # noqa: E402,F401  della, della_linear (magnitude-ranked random pruning)
     knots,  # noqa: E402,F401  knots (KnOTS, LoRA merging in a shared SVD basis)
     linear,  # noqa: E402,F401  weight_average, task_arithmetic
     online,  # noqa: E402,F401  online_composition (modality mode)

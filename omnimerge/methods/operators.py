@@ -40,9 +40,9 @@ from omnimerge.methods.base import Capabilities, Param, TensorContext, merge_met
 from omnimerge.methods.linear import weighted_sum
 
 __all__ = [
-    "MagnitudeOutliers", "MagnitudeTopK", "RandomDrop", "RankBracket", "SignConsensus", "SparseBlockwise",
-    "SparsePlan", "Sparsifier", "dare_", "disjoint_merge", "kth_smallest", "sparse_merge", "sparse_method",
-    "trim_",
+    "MagnitudeOutliers", "MagnitudeRankedDrop", "MagnitudeTopK", "RandomDrop", "RankBracket", "SignConsensus",
+    "SparseBlockwise", "SparsePlan", "Sparsifier", "dare_", "della_key", "disjoint_merge", "kth_smallest",
+    "sparse_merge", "sparse_method", "trim_",
 ]
 
 # --- order statistics of magnitudes ----------------------------------------------------------------------------
@@ -164,7 +164,9 @@ class Sparsifier(Protocol):
     the earlier sparsifiers of the plan leave it) that ``apply_`` needs, given as ``values`` in the same order;
     empty for elementwise sparsifiers, which may be given any block (``start``: its first flat index, or
     ``positions``: its flat indices). A ranked sparsifier may need no order statistic for some tensors
-    (TIES with density 1): ``ranks`` is then empty.
+    (TIES with density 1): ``ranks`` is then empty. A sparsifier with the class attribute ``whole_tensor = True``
+    (:class:`MagnitudeRankedDrop`) is only ever given whole tensors in their own shape: plans that hold one have
+    no streamed form (:attr:`SparsePlan.whole_tensor`).
     """
 
     #: whether it ranks magnitudes over the whole tensor (then it comes last in a plan)
@@ -347,6 +349,74 @@ class RandomDrop:
         return dare_(tv, self.drop_rate, ctx, i, start, positions, seed=self.seed)
 
 
+def della_key(ctx: TensorContext, i: int, seed: int) -> tuple[int, int, int]:
+    """The hash key of expert ``i``'s DELLA mask in this tensor (as :func:`dare_key`, keyed apart from DARE's:
+    the same seed draws unrelated masks for the two)."""
+    d = hashlib.sha256(f"della:{int(seed)}:{ctx.canonical or ctx.name}:{i}".encode()).digest()
+    return int.from_bytes(d[0:4], "little") | 1, int.from_bytes(d[4:8], "little"), int.from_bytes(d[8:12], "little")
+
+
+#: entries per chunk of rows in :class:`MagnitudeRankedDrop` (bounds its int64/float64 working copies)
+_RANKED_DROP_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class MagnitudeRankedDrop:
+    """DELLA's MagPrune (mergekit ``sparsify.della_magprune``): per row of the tensor (the last dimension; a 1-D
+    tensor is one row), rank the entries by |x| (0 = smallest; ties by position), r = rank / (n - 1), and keep
+    each entry with probability p = density - epsilon + 2 epsilon r (a row of one entry: p = density). No
+    rescaling here (the plan's ``rescale`` does the L1 one; DELLA's paper would divide by p per entry).
+    density >= 1 leaves the vector unchanged.
+
+    The draw is counter-based like DARE's: entry j (flat index) of expert i is kept iff h(j) < p * 2^32, h the
+    lowbias32 hash keyed by (seed, tensor name, i) (:func:`della_key`), so the mask depends on nothing but the
+    tensor, the expert and the seed. It is neither elementwise (p depends on the row's ranking) nor an order
+    statistic the streamed machinery could find, so ``whole_tensor``: it is applied to whole tensors only (it
+    ranks, so it comes last in a plan; it needs no order statistic, ``ranks`` is empty) and the methods that
+    use it do not stream.
+    """
+
+    density: float
+    epsilon: float
+    seed: int
+    ranks: tuple[int, ...] = ()
+    ranked: ClassVar[bool] = True
+    whole_tensor: ClassVar[bool] = True
+
+    def keep_probability(self, rows: torch.Tensor) -> torch.Tensor:
+        """p per entry of ``rows`` (2-D: rows x n), float64."""
+        n = rows.shape[-1]
+        if n == 1:
+            return torch.full(rows.shape, float(self.density), dtype=torch.float64)
+        order = rows.abs().argsort(dim=-1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(n, dtype=order.dtype).expand_as(order))
+        del order
+        p = rank.to(torch.float64).mul_(2.0 * self.epsilon / (n - 1))
+        return p.add_(self.density - self.epsilon)
+
+    def apply_(self, tv: torch.Tensor, values: Sequence[float | None], ctx: TensorContext, i: int, start: int = 0,
+               positions: np.ndarray | None = None) -> torch.Tensor:
+        if self.density >= 1.0 or tv.numel() == 0:
+            return tv
+        assert start == 0 and positions is None, "MagnitudeRankedDrop ranks rows: whole tensors only"
+        n = tv.shape[-1] if tv.dim() > 0 else 1
+        rows = tv.reshape(-1, n)
+        key = della_key(ctx, i, self.seed)
+        step = max(1, _RANKED_DROP_CHUNK // n)
+        for r0 in range(0, rows.shape[0], step):
+            chunk = rows[r0:r0 + step]
+            p = self.keep_probability(chunk.cpu() if chunk.device.type != "cpu" else chunk)
+            pos = np.arange(r0 * n, r0 * n + chunk.numel(), dtype=np.int64)
+            h = _dare_hash(pos, key).astype(np.float64)
+            keep = np.less(h, p.reshape(-1).numpy() * 2.0**32)
+            mult = torch.from_numpy(keep.view(np.uint8).astype(np.float32)).view(chunk.shape)
+            chunk.mul_(mult.to(device=chunk.device, dtype=chunk.dtype))
+        if rows.data_ptr() != tv.data_ptr():  # reshape copied (a non-contiguous tv): write the result back
+            tv.copy_(rows.view(tv.shape))
+        return tv
+
+
 # --- consensus and aggregation ------------------------------------------------------------------------------------
 
 
@@ -440,6 +510,9 @@ class SparsePlan:
     majority: float | None = None
     #: after sparsifying, scale each t_i back to the L1 norm of tau_i (mergekit's ``rescale``; whole tensors only)
     rescale: bool = False
+    #: without consensus: sum the weighted t_i as task arithmetic does (``weighted_sum``: acc + w_i t_i in one
+    #: fused multiply-add per entry), so that a plan that keeps everything is task arithmetic bit for bit
+    fused_sum: bool = False
 
     def __post_init__(self) -> None:
         ranked = [k for k, s in enumerate(self.sparsifiers) if s.ranked]
@@ -458,6 +531,11 @@ class SparsePlan:
     def drop(self) -> RandomDrop | None:
         drops = [s for s in self.sparsifiers if isinstance(s, RandomDrop)]
         return drops[0] if drops else None
+
+    @property
+    def whole_tensor(self) -> bool:
+        """Whether a sparsifier of the plan works on whole tensors only (no streamed form)."""
+        return any(getattr(s, "whole_tensor", False) for s in self.sparsifiers)
 
     @property
     def ties_shaped(self) -> bool:
@@ -492,7 +570,10 @@ def sparse_merge(task_vectors: Sequence[torch.Tensor], ctx: TensorContext, plan:
             if before >= 1e-8 and after >= 1e-8:
                 tv.mul_(before / after)
     if plan.consensus is None:
-        acc = _sum_weighted([t if w == 1.0 else t.mul_(w) for t, w in zip(tvs, plan.weight, strict=True)])
+        if plan.fused_sum:
+            acc = weighted_sum(tvs, plan.weight, inplace=True)
+        else:
+            acc = _sum_weighted([t if w == 1.0 else t.mul_(w) for t, w in zip(tvs, plan.weight, strict=True)])
         if plan.normalize:
             acc.div_(float(sum(plan.weight)))
     else:
@@ -605,6 +686,7 @@ class SparseBlockwise:
         sample: Callable[[np.ndarray], list[torch.Tensor]],
     ) -> SparseState:
         plan = self.plan(params, numel, ctx)
+        assert not plan.whole_tensor, "a plan with a whole-tensor sparsifier has no streamed form"
         T = len(plan.weight)
         r = plan.ranked
         ranks = r.ranks if r is not None else ()
@@ -674,6 +756,11 @@ class SparseBlockwise:
         if r is not None:
             for i, tv in enumerate(tvs):
                 r.apply_(tv, st.values[i], st.ctx, i, start)
+        if plan.consensus is None and plan.fused_sum:
+            acc = weighted_sum(tvs, plan.weight, inplace=True)
+            if plan.normalize:
+                acc.div_(float(sum(plan.weight)))
+            return acc.mul_(plan.scaling)
         weighted = [t if w == 1.0 else t.mul_(w) for t, w in zip(tvs, plan.weight, strict=True)]
         if plan.consensus is None:
             acc = _sum_weighted(weighted)
@@ -748,18 +835,20 @@ def sparse_method(
     doc: str,
     compiled: str | None = None,
     streams: Callable[[Mapping[str, Any]], bool] | None = None,
+    stream: bool = True,
     **kwargs: Any,
 ) -> None:
     """Register a sparse merge method from its plan: the whole-tensor form is :func:`sparse_merge`, the streamed
     form :class:`SparseBlockwise` (used for tensors of at least ``BLOCKWISE_MIN_NUMEL`` entries). ``doc`` is
     the method's math (its docstring); ``compiled`` names a kernel family that runs its TIES-shaped plans;
     ``streams(params)`` says which parameters have no streamed form (a whole-tensor statistic such as
-    ``rescale``)."""
+    ``rescale``); ``stream=False``: no streamed form at all (plans with a ``whole_tensor`` sparsifier)."""
 
     def fn(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, **kw: Any) -> torch.Tensor:
         return sparse_merge(task_vectors, ctx, plan(kw, task_vectors[0].numel(), ctx))
 
     fn.__doc__ = doc
     fn.__name__ = fn.__qualname__ = name
-    caps = Capabilities(blockwise=SparseBlockwise(plan, streams), blockwise_min_numel=BLOCKWISE_MIN_NUMEL, compiled=compiled)
+    caps = Capabilities(blockwise=SparseBlockwise(plan, streams) if stream else None,
+                        blockwise_min_numel=BLOCKWISE_MIN_NUMEL, compiled=compiled if stream else None)
     merge_method(name, params=params, summary=summary, paper=paper, url=url, capabilities=caps, **kwargs)(fn)
