@@ -101,6 +101,40 @@ def _put_ov(out: Any, j: Any, v: Any) -> Any:
 
 
 @nb.njit(**_OPTS)
+def linear(base: Any, experts: Any, sm: Any, sd: Any, out: Any) -> bool:
+    """out = W0 + ((sum_i (W_i - W0)) * sm) / sd in the output's dtype, one pass over the inputs for any number
+    of experts (a tuple of same-typed 1-D arrays: one specialisation per count, compiled when first used). The
+    sum runs left to right over the experts, as the torch path's. False: a non-finite delta."""
+    bad = np.uint32(0)
+    e0 = experts[0]
+    for j in range(base.size):
+        b = _f32(base[j])
+        a = _f32(e0[j]) - b
+        for i in range(1, len(experts)):
+            a = a + (_f32(experts[i][j]) - b)
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, b + a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
+def average(experts: Any, sm: Any, sd: Any, out: Any) -> bool:
+    """out = ((sum_i W_i) * sm) / sd from the experts' weights alone (weight averaging as the reference computes
+    it: no base, no subtraction); as :func:`linear` otherwise. False: a non-finite result."""
+    bad = np.uint32(0)
+    e0 = experts[0]
+    for j in range(e0.size):
+        a = _f32(e0[j])
+        for i in range(1, len(experts)):
+            a = a + _f32(experts[i][j])
+        a = (a * sm) / sd
+        bad |= (_bits(a) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _put(out, j, a)
+    return bad == 0
+
+
+@nb.njit(**_OPTS)
 def _store(res: Any, m: int, out: Any, s0: int) -> None:
     """res[:m] (float32) into out[s0:s0+m] in the output's dtype (see _put)."""
     for j in range(m):
@@ -341,12 +375,13 @@ def reduce_flags(bad: Any, sgn: Any, flag: Any) -> Any:
 
 
 @nb.njit(**_OPTS)
-def compact_flags(flag: Any, idx: Any) -> int:
+def compact_flags(flag: Any, words: Any, idx: Any) -> int:
     """The positions of the non-zero bytes of ``flag``, in order, into ``idx``; returns their number. Skips
-    eight zero bytes at a time (the flagged entries are a few percent)."""
+    eight zero bytes at a time through ``words``, the first ``8 * words.size`` bytes of ``flag`` viewed as
+    uint64 by the caller (a view taken inside the kernel costs a third of a second of compilation); the flagged
+    entries are a few percent."""
     n = flag.size
-    head = n - n % 8
-    words = flag[:head].view(np.uint64)
+    head = 8 * words.size
     c = 0
     for q in range(words.size):
         if words[q] != 0:
@@ -359,5 +394,5 @@ def compact_flags(flag: Any, idx: Any) -> int:
     return c
 
 
-KERNELS = {"prepare": prepare, "reduce_flags": reduce_flags, "compact_flags": compact_flags, "load": _load,
+KERNELS = {"linear": linear, "average": average, "prepare": prepare, "reduce_flags": reduce_flags, "compact_flags": compact_flags, "load": _load,
            "ties_sweep_chunk": ties_sweep_chunk, "ties_merge_chunk": ties_merge_chunk}

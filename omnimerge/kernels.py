@@ -3,7 +3,8 @@
 A linear merge (task arithmetic, weight average) costs per element T + 1 loads and conversions, T subtractions,
 T - 1 additions, one scaling, one addition and one rounding to the output dtype. With torch each of these is a
 kernel call per 64K-element block (a few microseconds of dispatch each, and a pass over the block); the
-kernels here do all of them in one compiled call per block. They perform the same IEEE float32 operations in the
+kernels here do all of them in one compiled call per block: one loop over a tuple of the experts (any number,
+one pass over the inputs) for the linear methods, and generated loops (``omnimerge/_generated``) for TIES. They perform the same IEEE float32 operations in the
 same order as the torch path (``weighted_sum`` with unit weights, then the method's scaling, then ``W0 + delta``
 rounded to the output dtype with round-to-nearest-even), so the output is bit-identical; tests compare the two.
 Weight averaging from full checkpoints sums the experts' weights themselves (no base, no subtraction), as the
@@ -34,20 +35,26 @@ def _build() -> dict[str, Any] | None:
     return KERNELS
 
 
-_warm = threading.Event()
+_warm = threading.Event()  # the background load has finished (everything it compiles)
 _warm_thread: threading.Thread | None = None
+#: the kernels the background load has made callable without waiting: "linear", "ties_sweep", "ties_merge"
+_ready: set[str] = set()
 
 
 def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: bool = False,
-            drop: bool = False) -> None:
+            drop: bool = False, direct: bool | None = None) -> None:
     """Load the compiled kernels for this dtype combination on a background thread (``import numba`` and loading
-    the cached machine code take ~0.5 s): merging starts at once on the torch path and switches to the kernels,
+    the cached machine code take ~0.25 s; compiling them, on the first merge after installation, ~0.3 s for the
+    linear loop and ~1 s for TIES's): merging starts at once on the torch path and switches to the kernels,
     chunk by chunk, as soon as :func:`ready` says so. Both give the same bits. ``ties``: the TIES loops (with
-    DARE masks if ``drop``) instead of the linear ones."""
+    DARE masks if ``drop``) instead of the linear ones; ``direct``: only the loop over the experts' weights
+    (True) or over task vectors (False), None both. Only what the merge calls is compiled, and TIES's loop for
+    entries without a majority guess (rare) after :func:`ready` is set."""
     global _warm_thread
     if _warm_thread is not None:
         return
     _warm.clear()
+    _ready.clear()
 
     def work() -> None:
         try:
@@ -69,16 +76,27 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
                 pm = [torch.ones(n, dtype=in_dtype), -torch.ones(n, dtype=in_dtype)]
                 sp = ((RandomDrop(0.5, 0),) if drop else ()) + (MagnitudeTopK(1.0, n),)
                 plan = SparsePlan(sp, (1.0,) * experts, 1.0, SignConsensus("majority"))
-                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
-                tb = TiesBlocks(st, out_dtype, n)
                 es = (pm * experts)[:experts]
                 if experts % 2:
                     es[-1] = base
-                tb.merge(st, 0, base, es)
-                _kernels()["compact_flags"](np.zeros(n, np.uint8), tb.amb_idx)  # type: ignore[index]
+                from omnimerge.methods.operators import RankBracket
+
+                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
+                # the statistics sweep first (a TIES job starts with it), then the merge loop
+                st.brackets = [RankBracket(0.0, 1.0, 1) for _ in range(experts)]
+                TiesBlocks(st, out_dtype, n).sweep(st, 0, base, es)
+                _ready.add("ties_sweep")
+                st.brackets = []
+                st.guess = 1.0  # with a guessed majority sign: the main loop and the flag reductions
+                TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
+                _ready.add("ties_merge")
+                # then, with the merge already on the kernels, the loop for entries without a guess
+                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
+                TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
             else:
-                for direct in (False, True):  # task arithmetic / weight average from task vectors, and averaging
-                    LinearBlocks(out_dtype, n, 1.0, "mul", direct)(base, [base] * experts)
+                for d in (False, True) if direct is None else (direct,):
+                    LinearBlocks(out_dtype, n, 1.0, "mul", d)(base, [base] * experts)
+                _ready.add("linear")
         except Exception:  # noqa: BLE001 - kernels that do not compile here are not used: the torch path runs
             global _compiled, _failed
             _compiled, _failed = None, True
@@ -95,11 +113,14 @@ def wait() -> None:
         _warm_thread.join()
 
 
-def ready() -> bool:
-    """Whether the kernels may be called without waiting for them to load (see :func:`preload`)."""
+def ready(kind: str) -> bool:
+    """Whether the kernels of ``kind`` ("linear", "ties_sweep", "ties_merge") may be called without waiting for
+    them to load or compile (see :func:`preload`): each becomes ready as soon as it has compiled."""
     if _warm_thread is None:
         return _kernels() is not None
-    return _warm.is_set() and _compiled is not None
+    if _compiled is None:
+        return False
+    return kind in _ready or (_warm.is_set() and not _failed)
 
 
 def available() -> bool:
@@ -120,6 +141,11 @@ def _kernels() -> dict[str, Any] | None:
     return _compiled
 
 
+def _words(flag: np.ndarray) -> np.ndarray:
+    """The whole 8-byte words at the start of a byte array, as uint64 (for compact_flags)."""
+    return flag[: flag.size - flag.size % 8].view(np.uint64)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
@@ -138,16 +164,14 @@ class LinearBlocks:
     says whether a dtype combination is handled."""
 
     def __init__(self, out_dtype: torch.dtype, chunk: int, scale: float, mode: str, direct: bool = False) -> None:
-        assert _kernels() is not None
-        from omnimerge._kernels_fused import AVERAGE, LINEAR
-
-        self.loops = AVERAGE if direct else LINEAR
+        k = _kernels()
+        assert k is not None
+        self.loop = k["average" if direct else "linear"]
         self.direct = direct
         # delta = (sum * sm) / sd: x * 1 and x / 1 are exact, so one loop serves all three modes
         s = np.float32(scale)
         one = np.float32(1.0)
         self.sm, self.sd = {"none": (one, one), "mul": (s, one), "div": (one, s)}[mode]
-        self.acc = np.empty(chunk, np.float32)  # the running sum when there are more than 4 experts
         self.out = torch.empty(chunk, dtype=out_dtype)
 
     @staticmethod
@@ -160,19 +184,15 @@ class LinearBlocks:
 
     def __call__(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """The merged chunk in the output dtype (a view of a reused buffer), or None if the delta (``direct``: the
-        result) is not finite. Experts go through fused loops in groups of up to 4 (one pass over the inputs per
-        group). ``base`` is None with ``direct``."""
+        result) is not finite: one compiled pass over all the inputs (:func:`omnimerge._kernels_nb.linear`).
+        ``base`` is None with ``direct``."""
         n = experts[0].numel()
         out = self.out[:n]
-        o, acc = _np(out), self.acc[:n]
-        lead = () if self.direct else (_np(base),)  # type: ignore[arg-type]
-        es = [_np(e) for e in experts]
-        ok = True
-        for g in range(0, len(es), 4):
-            group = es[g : g + 4]
-            last = g + 4 >= len(es)
-            loop = self.loops[(len(group), g > 0, not last)]
-            ok = loop(*lead, *(group + [group[0]] * (4 - len(group))), acc, self.sm, self.sd, o)
+        es = tuple(np.ascontiguousarray(_np(e)) for e in experts)  # one array type: a homogeneous tuple
+        if self.direct:
+            ok = self.loop(es, self.sm, self.sd, _np(out))
+        else:
+            ok = self.loop(np.ascontiguousarray(_np(base)), es, self.sm, self.sd, _np(out))  # type: ignore[arg-type]
         return out if ok else None
 
 
@@ -270,9 +290,9 @@ class TiesBlocks:
         out = self.out[:n]
         thr = np.array([t if t is not None else 0.0 for t in st.thresholds], dtype=np.float32)
         maj = st.majority if st.majority is not None else st.guess
-        from omnimerge._kernels_fused import TIES, TIES_MAX
+        from omnimerge._generated.ties_fused import TIES, TIES_MAX
 
-        if len(raws) <= TIES_MAX and start + n - 1 <= 0xFFFFFFFF:  # one vectorised pass per chunk (_kernels_fused)
+        if len(raws) <= TIES_MAX and start + n - 1 <= 0xFFFFFFFF:  # one vectorised pass per chunk (the generated loops)
             if self.flags is None:
                 self.flags = np.empty((3, self.chunk), np.uint8)
                 self.alt = np.empty(self.chunk, np.float32)
@@ -285,7 +305,7 @@ class TiesBlocks:
             anybad, signsum, nflag = self.k["reduce_flags"](bad, sgn, flag)
             if anybad or not nflag or st.majority is not None:
                 return self._merged(st, out, not anybad, signsum, 0)
-            namb = self.k["compact_flags"](flag, self.amb_idx)
+            namb = self.k["compact_flags"](flag, _words(flag), self.amb_idx)
             if maj == 0.0:  # no guess: both candidates, recomputed at the undecided entries
                 cands(*args, namb, self.amb_idx, self.amb_pos, self.amb_neg)
                 return self._merged(st, out, True, signsum, namb)

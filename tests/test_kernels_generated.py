@@ -25,8 +25,10 @@ def test_generated_kernels_are_current() -> None:
 def test_stale_generated_kernels_are_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     gen = _gen()
-    stale = tmp_path / "_kernels_fused.py"
-    stale.write_text(gen.generate().replace("bad |=", "bad &=", 1))
+    stale = tmp_path / "ties_fused.py"
+    text = gen.generate()
+    assert "_f32(e0[j]) - b" in text
+    stale.write_text(text.replace("_f32(e0[j]) - b", "_f32(e0[j]) + b", 1))
     monkeypatch.setattr(gen, "OUT", stale)
     assert gen.main(["--check"]) == 1
     assert "stale" in capsys.readouterr().err

@@ -330,12 +330,14 @@ def test_compiled_ties_equals_torch(models: Path, tmp_path: Path, monkeypatch: p
         assert n_patched > 0 and sum(patches) == 2 * n_patched, "both paths amend the same undecided entries"
 
 
+@pytest.mark.parametrize("experts", [1, 7, 12])
 @pytest.mark.parametrize("method", ["task_arithmetic", "weight_average"])
-def test_compiled_linear_kernel_groups_of_four(models: Path, tmp_path: Path, kernel_calls: list[int],
-                                               method: str) -> None:
-    """More than 4 experts: the fused loops run in groups, carrying the running sum between them."""
+def test_compiled_linear_kernel_any_number_of_experts(models: Path, tmp_path: Path, kernel_calls: list[int],
+                                                      method: str, experts: int) -> None:
+    """One loop over a tuple of the experts, for any number of them: the same bits as torch's left-to-right
+    sum."""
     r = _recipe(models, method, [1.0] * 3, **({"scaling": 0.4} if method == "task_arithmetic" else {}))
-    r["models"] = r["models"] + r["models"][::-1] + r["models"][:1]  # 7 experts: a group of 4, then 3
+    r["models"] = ((r["models"] + r["models"][::-1]) * 2)[:experts]
     fast = _run(models, tmp_path, r, "fast")
     assert kernel_calls
     _same(fast, _run(models, tmp_path, r, "slow", use_kernels=False))
@@ -347,7 +349,7 @@ def test_compiled_ties_many_experts(models: Path, tmp_path: Path, monkeypatch: p
     """6 experts (a fused loop) and 9 (more than the fused loops take: the row kernels) through the compiled TIES
     path: same bits as torch."""
     from omnimerge import kernels
-    from omnimerge._kernels_fused import TIES_MAX
+    from omnimerge._generated.ties_fused import TIES_MAX
 
     kernels.preload(torch.bfloat16, torch.bfloat16, 3, ties=True)
     kernels.wait()

@@ -70,6 +70,23 @@ def table(res: dict, only_mk: bool) -> str:
     return "\n".join(lines)
 
 
+def cold_table(res: dict) -> str:
+    """The first merge after installation (empty kernel cache: numba compiles what the merge uses) against a
+    warm one; empty if the run had no --cold."""
+    lines = []
+    for c in res["cases"]:
+        for method, e in c["methods"].items():
+            cold, warm = e.get("omnimerge_cold"), e.get("omnimerge")
+            if cold and warm:
+                lines.append(f"| {SIZE.get(c['model'], c['model'])} | {c['T']} | {LABEL.get(method, method)} | "
+                             f"{cold['wall']:.2f} ({cold['merge_s']:.2f}) | {warm['wall']:.2f} ({warm['merge_s']:.2f}) | "
+                             f"{cold['wall'] - warm['wall']:+.2f} |")
+    if not lines:
+        return ""
+    return ("| model | T | method | cold kernel cache: wall s (merge s) | warm: wall s (merge s) | first-run cost s |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def plot(res: dict, doc_dir: Path) -> list[str]:
     import matplotlib
 
@@ -130,4 +147,9 @@ def write_report(res: dict, doc: Path, extra: str = "") -> None:
     from benchmarks.perf.doc_text import render
 
     imgs = plot(res, doc.parent)
+    ct = cold_table(res)
+    if ct:
+        extra += ("\n## The first merge after installation\n\nWith `--cold`, each method also runs once with an "
+                  "empty kernel cache (numba compiles the kernels that merge uses, in the background while the merge "
+                  "starts on the torch path), against the best warm run:\n\n" + ct + "\n")
     doc.write_text(render(res, table(res, True), table(res, False), imgs, extra))

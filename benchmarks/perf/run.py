@@ -145,16 +145,29 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True, sync: bool = True) -> dict:
+#: the compiled kernels' cache of the timed runs (warm after a method's first run); a cold run gets an empty one
+NUMBA_CACHE: Path | None = None
+
+
+def run_omni(recipe: Path, out: Path, workers: int, hash_inputs: bool = True, sync: bool = True,
+             cold: bool = False) -> dict:
+    """One omnimerge merge in a child process. ``cold``: with an empty kernel cache (numba compiles the kernels
+    the merge uses, as on the first merge after installation)."""
+    import tempfile
+
     shutil.rmtree(out, ignore_errors=True)  # not timed: replacing an old output would cost its deletion
     cache = out.with_name(out.name + "-digest-cache")  # empty: every run hashes its inputs (no cache hits)
     shutil.rmtree(cache, ignore_errors=True)
     os.sync()  # not timed: no run pays for the writeback of an earlier run's unsynced output
+    kcache = Path(tempfile.mkdtemp(prefix="numba-cold-")) if cold else NUMBA_CACHE
+    kenv = {"NUMBA_CACHE_DIR": str(kcache)} if kcache is not None else {}
     m = run_measured([sys.executable, "-m", "benchmarks.perf.omni_child", str(recipe), str(out), str(workers),
                       "xxh3" if hash_inputs else "none", "sync" if sync else "nosync"],
-                     env={**env(), "OMNIMERGE_CACHE": str(cache)},
+                     env={**env(), "OMNIMERGE_CACHE": str(cache), **kenv},
                      cwd=str(REPO))
     shutil.rmtree(cache, ignore_errors=True)
+    if cold:
+        shutil.rmtree(kcache, ignore_errors=True)  # type: ignore[arg-type]
     if m.returncode != 0:
         raise RuntimeError(f"omnimerge failed ({m.returncode}):\n{m.stderr[-3000:]}")
     rep = json.loads(m.stdout.strip().splitlines()[-1])
@@ -213,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the like-for-like omnimerge runs (--no-sync --hash none: no fsync of the output and no "
                          "input digests, as mergekit)")
     ap.add_argument("--skip-omnimerge", action="store_true", help="time only mergekit (and cat)")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time each method once with an empty kernel cache (the first merge after "
+                         "installation pays numba's compilation); the other runs use a kept cache (warm)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results_path = a.results or RESULTS / ("quick.json" if a.quick else "latest.json")
+    global NUMBA_CACHE
+    NUMBA_CACHE = a.data_dir / "numba-cache"
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -297,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
             omni_out = cdir / f"out-omni-{method}"
             runs = []
             n_omni = min(repeats, a.repeats_slow) if method in SLOW_MK else repeats
+            if a.cold and not a.skip_omnimerge:
+                time_cat(files, 1)
+                la = loadavg()
+                r = run_omni(rp, omni_out, a.workers, cold=True)
+                r["loadavg"] = la
+                entry["omnimerge_cold"] = r
+                log(f"  omnimerge {method} (cold kernel cache): wall {r['wall']:.2f} s (merge {r['merge_s']:.2f} s), "
+                    f"max RSS {r['max_rss'] / 1e9:.2f} GB, load {la:.2f}")
+                run_omni(rp, omni_out, a.workers)  # not timed: warms the kept kernel cache for the runs below
             for _ in range(0 if a.skip_omnimerge else n_omni):
                 time_cat(files, 1)
                 la = loadavg()
