@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -347,14 +348,14 @@ class MergeRun:
             mapped.append((src.ckpt, name))
         return base_raw, raws, mapped
 
-    def _blocks(self, n: int, mapped: list[tuple[Checkpoint, str]], compiled: bool) -> Any:
+    def _blocks(self, n: int, mapped: list[tuple[Checkpoint, str]], compiled: bool, kind: str = "linear") -> Any:
         """(start, end, compiled) over a streamed tensor of n entries: a kernel chunk where ``compiled`` and the
         kernels have loaded, else a torch block (the same bits either way). Unmaps what was read as it goes: the
         resident set stays small (the page cache keeps the bytes)."""
         released = e = 0
         while e < n:
             s = e
-            fast = compiled and s % KERNEL_CHUNK == 0 and kernels_ready()
+            fast = compiled and s % KERNEL_CHUNK == 0 and kernels_ready(kind)
             e = min(n, s + (KERNEL_CHUNK if fast else FUSED_BLOCK))
             yield s, e, fast
             if e - released >= 32 * FUSED_BLOCK or e == n:
@@ -457,7 +458,8 @@ class MergeRun:
         if not ((linear is not None and linear(job.kwargs) is not None) or ties):
             return
         preload_kernels(job.meta.dtype, job.out_dtype, len(self.experts), ties=ties,
-                        drop=float(job.kwargs.get("drop_rate") or 0.0) > 0.0)
+                        drop=float(job.kwargs.get("drop_rate") or 0.0) > 0.0,
+                        direct=None if ties else self._from_weights() is not None)
 
     def _blockwise(self, job: Job) -> Any:
         """The method's block-wise implementation if this job can use it, else None."""
@@ -493,7 +495,7 @@ class MergeRun:
                     state, [base_raw.dtype] + [r.dtype for r in raws], job.out_dtype, cd):
                 kern = TiesBlocks(state, job.out_dtype, min(n, KERNEL_CHUNK))
             while bw.wants_sweep(state):
-                for s, e, fast in self._blocks(n, mapped, kern is not None):
+                for s, e, fast in self._blocks(n, mapped, kern is not None, "ties_sweep"):
                     if fast:  # compiled: the same operations, one call per chunk
                         assert kern is not None
                         if not kern.sweep(state, s, base_raw[s:e], [r[s:e] for r in raws]):
@@ -506,7 +508,7 @@ class MergeRun:
                 checked = True
                 bw.end_sweep(state)
             obuf = torch.empty(min(n, FUSED_BLOCK), dtype=job.out_dtype) if job.out_dtype != cd else None
-            for s, e, fast in self._blocks(n, mapped, kern is not None):
+            for s, e, fast in self._blocks(n, mapped, kern is not None, "ties_merge"):
                 if fast:
                     assert kern is not None
                     merged = kern.merge(state, s, base_raw[s:e], [r[s:e] for r in raws])
@@ -572,6 +574,16 @@ class MergeRun:
         block-streamed for elementwise methods, from the experts' weights alone, the method's streamed
         implementation, else whole. A streamed attempt that meets a non-finite value falls back to the whole
         tensor, which reports it."""
+        if writer.whole_tensors:  # e.g. the LoRA adapter output: one whole tensor per write
+            fw = self._from_weights()
+            if fw is not None:
+                writer.write(job.name, self._merged_from_weights(job, fw).to(job.out_dtype))
+                self._count("from_weights")
+                return
+            base, delta = self.whole_tensor_delta(job, stats)
+            writer.write(job.name, base.add_(delta).to(job.out_dtype))
+            self._count("whole")
+            return
         if isinstance(self._kept, dict):
             self._merge_job_kept(job, writer, stats)
             self._count("kept")
@@ -806,9 +818,7 @@ class MergeRun:
                 tmp = output.folder()
                 lora: dict[str, Any] = {}
                 if self.recipe.output == "lora":
-                    from omnimerge.checkpoint.lora import write_lora_output  # the LoRA output
-
-                    lora = write_lora_output(self, jobs, tmp, stats)
+                    lora = self._merge_to_adapter(jobs, tmp, stats)
                     shard_files: list[Path] = []
                 else:
                     writer = ShardedWriter(
@@ -867,6 +877,34 @@ class MergeRun:
                     hasher.cancel()
                 self.close()
 
+    def _merge_to_adapter(self, jobs: list[Job], folder: Path, stats: Any) -> dict[str, Any]:
+        """``output: lora``: the merged tensors, whole and in the compute dtype, into a
+        :class:`~omnimerge.checkpoint.lora.LoraAdapterSink` writing a PEFT adapter into ``folder``; its report
+        fields."""
+        from omnimerge.checkpoint.lora import LoraAdapterSink
+
+        assert self.base is not None
+        merged = [j for j in jobs if j.merged]
+        task_types = {s.config.get("task_type") for s in self.experts if s.kind == "adapter"}
+        task_types.discard(None)
+        sink = LoraAdapterSink(
+            folder, self.base, [(j.name, j.canonical, j.component, j.out_dtype, j.meta.shape) for j in merged],
+            int(self.recipe.rank),  # type: ignore[arg-type]
+            method=self.method.name, base_ref=self.recipe.base_model,
+            task_type=task_types.pop() if len(task_types) == 1 else None, notes=self.notes)
+        # whole tensors (a factorisation needs the whole delta): the working memory of a whole-tensor merge,
+        # plus the delta the sink takes
+        per = (len(self.experts) + 4) * element_size(self.compute_dtype)
+        whole = [replace(j, out_dtype=self.compute_dtype, streaming=False, cost=per * j.meta.numel) for j in merged]
+        try:
+            # one tensor at a time: the factorisations (SVD, QR) run on torch's threads, whose results can depend
+            # on what else runs beside them; one at a time the adapter is the same bytes for any worker count
+            self.stream(whole, sink, stats, workers=1)
+            files = sink.finish()
+        finally:
+            sink.close()
+        return {**sink.summary, "shards": [f.name for f in files]}
+
     @staticmethod
     def config_files(folder: Path) -> list[Path]:
         """The config files of a model folder that identify it (hashed into the model card)."""
@@ -880,8 +918,9 @@ class MergeRun:
             total += sum(f.stat().st_size for f in src.input_files() if f.suffix != ".json")
         return total
 
-    def stream(self, jobs: list[Job], writer: Sink, stats: Any) -> None:
-        """Run ``jobs`` (merge or copy) into ``writer`` on the worker threads under the memory budget."""
+    def stream(self, jobs: list[Job], writer: Sink, stats: Any, workers: int | None = None) -> None:
+        """Run ``jobs`` (merge or copy) into ``writer`` on the worker threads (``workers``, default the merge's)
+        under the memory budget."""
 
         def run_job(job: Job) -> None:
             if job.merged:
@@ -890,7 +929,7 @@ class MergeRun:
                 self._copy_job(job, writer)
             self._release(job)
 
-        execute(jobs, run_job, workers=self.workers, prefetch=self._prefetch, progress=self.progress)
+        execute(jobs, run_job, workers=workers or self.workers, prefetch=self._prefetch, progress=self.progress)
 
     def close(self) -> None:
         """Close every input (a later merge opens them again)."""

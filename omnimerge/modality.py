@@ -201,6 +201,8 @@ class _Fanout:
     name, each output casting to its own dtype (the engine sends the compute dtype: no double rounding). The
     outputs' writers are finished by the modality merge itself, which also writes what each output carries."""
 
+    whole_tensors = False
+
     def __init__(self, outputs: list[_Output]) -> None:
         self.outputs = outputs
 

@@ -7,7 +7,9 @@ The engine streams every planned output tensor into a :class:`Sink`, whole (``wr
 * :class:`omnimerge.checkpoint.writer.ShardedWriter`: safetensors shards on disk (``omnimerge merge``);
 * :class:`StateDictSink`: a dict of tensors in memory, on any device;
 * :class:`ModelSink`: straight into the parameters and buffers of a model already loaded (any device);
-* the modality merge's fan-out (one merged LLM into one checkpoint per modality expert).
+* the modality merge's fan-out (one merged LLM into one checkpoint per modality expert);
+* :class:`omnimerge.checkpoint.lora.LoraAdapterSink`: the merged change as a PEFT LoRA adapter
+  (``output: lora``; whole tensors, factorised as they arrive).
 
 Every sink checks what it receives against what was planned (name, dtype, shape) and ``finish`` fails if a
 planned tensor never arrived: a sink never ends with a silently missing tensor.
@@ -30,7 +32,12 @@ Plan = Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
 
 @runtime_checkable
 class Sink(Protocol):
-    """What the engine writes merged tensors into (all methods may be called from several threads)."""
+    """What the engine writes merged tensors into (all methods may be called from several threads).
+
+    ``whole_tensors``: the sink takes each merged tensor whole through ``write`` (e.g. the LoRA adapter output,
+    which factorises it), so the engine does not stream it block by block for this sink."""
+
+    whole_tensors: bool
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """The whole tensor ``name`` (cast to its planned dtype if needed)."""
@@ -65,6 +72,8 @@ class _Slot:
 
 class _MemorySink:
     """Writes into preallocated tensors (the shared machinery of the in-memory sinks)."""
+
+    whole_tensors = False
 
     def __init__(self, targets: Mapping[str, tuple[torch.Tensor, torch.dtype]]) -> None:
         self._slots: dict[str, _Slot] = {}

@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from omnimerge.checkpoint.lora import AdapterFiles, open_adapter  # noqa: E402
 from omnimerge.checkpoint.names import canonical_name  # noqa: E402
@@ -397,6 +398,44 @@ def test_output_lora_low_rank_reports_true_errors(fam: dict[str, Any], tmp_path:
         checked += 1
     assert checked == 6
     assert set(report.lora_relative_error) == {"q_proj", "v_proj", "down_proj"}
+
+
+def test_output_lora_is_a_sink_fed_whole_tensors_by_any_number_of_workers(fam: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """The LoRA output is a Sink like the others: the engine's executor feeds it whole tensors (it factorises
+    them as they arrive), and the adapter is the same bytes whatever the number of workers asked for."""
+    from omnimerge.api import merge
+    from omnimerge.checkpoint.lora import LoraAdapterSink
+    from omnimerge.sinks import Sink
+
+    arch = "qwen2vl"
+    recipe = {"base_model": str(fam[arch]["base"]), "models": models(*fam[arch]["adapters"]),
+              "merge_method": "ties", "parameters": {"scaling": 1.0, "density": 0.3}, "output": "lora", "rank": 3}
+    got = []
+    for w in (1, 2):
+        merge(recipe, tmp_path / f"w{w}", hash_inputs=False, workers=w)
+        got.append(load_file(str(tmp_path / f"w{w}" / "adapter_model.safetensors")))
+    assert got[0].keys() == got[1].keys()
+    differ = {k: float((got[0][k].float() - got[1][k].float()).abs().max()) for k in got[0]
+              if not torch.equal(got[0][k], got[1][k])}
+    assert not differ, differ
+    from omnimerge.checkpoint.reader import open_checkpoint
+    from omnimerge.errors import OutputError
+
+    base = open_checkpoint(str(fam[arch]["base"]))
+    name = next(n for n in base.tensors if n.endswith("q_proj.weight"))
+    meta = base.tensors[name]
+    sink = LoraAdapterSink(tmp_path / "x", base, [(name, base.canonical_of(name), "llm", meta.dtype, meta.shape)],
+                           3, method="ties", base_ref="b", task_type=None, notes=print)
+    assert isinstance(sink, Sink) and sink.whole_tensors
+    with pytest.raises(OutputError, match="whole tensors"):
+        sink.write_part(name, base.read(name).reshape(-1)[:4], 0, False)
+    with pytest.raises(OutputError, match="never written"):
+        sink.finish()
+    sink.write(name, base.read(name).float())  # unchanged: the merged model would equal the base
+    with pytest.raises(OutputError, match="equals the base"):
+        sink.finish()
+    base.close()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

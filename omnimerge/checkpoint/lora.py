@@ -691,14 +691,13 @@ class _LoraOut:
     rank: int
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     targets: dict[str, int] = field(default_factory=dict)  # module -> rank
-    target_jobs: dict[str, Any] = field(default_factory=dict)  # module -> job
     full: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> attr -> merged value
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # module -> (||dW - BA||^2, ||dW||^2)
     zero: int = 0
 
 
-def _add_lora(out: _LoraOut, p: _Param, job: Any, delta: torch.Tensor) -> None:
-    digest = hashlib.sha256(job.canonical.encode()).digest()
+def _add_lora(out: _LoraOut, p: _Param, canonical: str, dtype: torch.dtype, delta: torch.Tensor) -> None:
+    digest = hashlib.sha256(canonical.encode()).digest()
     gen = torch.Generator(device=delta.device)
     gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     u, s, vh = _factorise(delta, out.rank, gen)
@@ -707,8 +706,8 @@ def _add_lora(out: _LoraOut, p: _Param, job: Any, delta: torch.Tensor) -> None:
         out.zero += 1
         return
     sq = s.sqrt()
-    B = (u * sq).to(job.out_dtype).contiguous()
-    A = (sq[:, None] * vh).to(job.out_dtype).contiguous()
+    B = (u * sq).to(dtype).contiguous()
+    A = (sq[:, None] * vh).to(dtype).contiguous()
     approx = B.to(delta.dtype) @ A.to(delta.dtype)
     err2 = float((delta.to(approx.dtype) - approx).pow(2).sum())
     norm2 = float(delta.pow(2).sum())
@@ -722,120 +721,203 @@ def _add_lora(out: _LoraOut, p: _Param, job: Any, delta: torch.Tensor) -> None:
         out.tensors[f"{key}.lora_A.weight"] = A
         out.tensors[f"{key}.lora_B.weight"] = B
     out.targets[p.module] = r
-    out.target_jobs[p.module] = job
     out.stats[p.module] = (err2, norm2)
 
 
-def write_lora_output(run: Any, jobs: list[Any], tmp_dir: Path, stats: Any) -> dict[str, Any]:
-    """Merge every selected tensor (as a full merge does) and write the merged delta as a PEFT LoRA adapter into
-    ``tmp_dir`` (``adapter_config.json`` + ``adapter_model.safetensors``). Returns report fields."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
+#: (tensor name, canonical name, component, the adapter's dtype, shape) of a merged tensor the adapter may hold
+LoraPlan = list[tuple[str, str, str, torch.dtype, tuple[int, ...]]]
 
-    rank = int(run.recipe.rank)
-    base: Checkpoint = run.base
-    layout = _in_memory_layout(base)
-    out = _LoraOut(rank)
-    merged_jobs = [j for j in jobs if j.merged]
-    refused: list[str] = []
-    for job in run.progress_iter(merged_jobs, "merging (LoRA output)"):
-        base_t, delta = run.whole_tensor_delta(job, stats)
-        if not bool(delta.any()):
-            out.zero += 1
-            continue
-        p = (layout or {}).get(job.canonical) or _guess_param(job.canonical, base, job.component, delta.dim())
-        if p.kind in ("linear", "embedding") and p.attr == "weight" and delta.dim() == 2:
-            _add_lora(out, p, job, delta)
-        elif p.module and p.leaf:
-            out.full.setdefault(p.module, {})[p.attr] = base_t.add_(delta).to(job.out_dtype).contiguous()
-        else:
-            refused.append(job.name)
-        del base_t, delta
-    if refused:
-        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise RecipeError(
-            f"output: lora cannot hold the merged change of '{refused[0]}'{more}: it is neither a linear/embedding "
-            f"weight nor a parameter of a leaf module (modules_to_save); exclude it from select or use output: full"
+
+class LoraAdapterSink:
+    """A :class:`~omnimerge.sinks.Sink` that writes the merged change as a PEFT LoRA adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``) instead of a checkpoint.
+
+    The engine sends each merged tensor whole (``whole_tensors``) in the compute dtype, W = W0 + dW; the sink reads
+    W0 from the base, factorises each changed linear/embedding weight as dW ~ B A at rank ``rank`` (truncated SVD,
+    :func:`_factorise`) and stores any other changed parameter of a leaf module whole (``modules_to_save``). A
+    module whose bias or norm changed as well as its weight is stored whole (peft cannot both adapt a module and
+    save it), so a module is decided once all its merged tensors have arrived; until then its tensors are held (a
+    module's tensors are adjacent in the plan, so few are held at once). Safe to call from several threads."""
+
+    whole_tensors = True
+
+    def __init__(self, folder: Path, base: Checkpoint, plan: LoraPlan, rank: int, *, method: str, base_ref: str,
+                 task_type: str | None, notes: Any) -> None:
+        self.folder = Path(folder)
+        self.base = base
+        self.rank = int(rank)
+        self.method = method
+        self.base_ref = base_ref
+        self.task_type = task_type
+        self.notes = notes
+        self.out = _LoraOut(self.rank)
+        self.refused: list[str] = []
+        self.summary: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        layout = _in_memory_layout(base)
+        self._param: dict[str, _Param] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        self._canonical: dict[str, str] = {}
+        self._pending: dict[str, set[str]] = {}  # module -> planned tensors not arrived yet
+        self._held: dict[str, dict[str, torch.Tensor]] = {}  # module -> tensor name -> merged value
+        self._order = [name for name, *_ in plan]
+        for name, canonical, component, dtype, shape in plan:
+            p = (layout or {}).get(canonical) or _guess_param(canonical, base, component, len(shape))
+            self._param[name], self._dtype[name], self._canonical[name] = p, dtype, canonical
+            self._pending.setdefault(p.module, set()).add(name)
+        self._whole: list[str] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        p = self._param.get(name)
+        if p is None:
+            raise OutputError(f"tensor '{name}' is not part of the planned adapter")
+        with self._lock:
+            pending = self._pending[p.module]
+            if name not in pending:
+                raise OutputError(f"tensor '{name}' written twice into the adapter")
+            pending.discard(name)
+            held = self._held.setdefault(p.module, {})
+            held[name] = tensor
+            ready = not pending
+            if ready:
+                del self._held[p.module]
+        if ready:
+            self._module(p.module, held)
+
+    def _delta(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        return merged - self.base.read(name).to(device=merged.device, dtype=merged.dtype)
+
+    def _module(self, module: str, held: dict[str, torch.Tensor]) -> None:
+        """Decide one module once all its merged tensors arrived: LoRA factors, stored whole, or refused."""
+        deltas = {n: self._delta(n, t) for n, t in held.items()}
+        changed = {n for n, d in deltas.items() if bool(d.any())}
+        loras = [n for n in changed if self._param[n].kind in ("linear", "embedding")
+                 and self._param[n].attr == "weight" and deltas[n].dim() == 2]
+        others = [n for n in changed if n not in loras]
+        full: dict[str, torch.Tensor] = {}
+        refused = []
+        for n in others:
+            p = self._param[n]
+            if p.module and p.leaf:
+                full[p.attr] = held[n].to(self._dtype[n]).contiguous()
+            else:
+                refused.append(n)
+        factors = _LoraOut(self.rank)
+        whole = False
+        for n in loras:
+            if full:  # the module is saved whole: its weight too (exactly the merged value)
+                full[self._param[n].attr] = held[n].to(self._dtype[n]).contiguous()
+                whole = True
+            else:
+                _add_lora(factors, self._param[n], self._canonical[n], self._dtype[n], deltas[n])
+        with self._lock:
+            self.out.zero += len(held) - len(changed) + factors.zero
+            self.refused += refused
+            self.out.tensors.update(factors.tensors)
+            self.out.targets.update(factors.targets)
+            self.out.stats.update(factors.stats)
+            if full:
+                self.out.full[module] = full
+            if whole:
+                self._whole.append(module)
+
+    def write_part(self, name: str, part: torch.Tensor, start: int, last: bool) -> None:
+        raise OutputError(f"tensor '{name}': the LoRA adapter output takes whole tensors (whole_tensors)")
+
+    def patch(self, name: str, index: Any, values: torch.Tensor) -> None:
+        raise OutputError(f"tensor '{name}': the LoRA adapter output takes whole tensors (whole_tensors)")
+
+    def copy_raw(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        raise OutputError(f"tensor '{name}': the LoRA adapter holds only merged changes (nothing is copied)")
+
+    def finish(self) -> list[Path]:
+        """Check every planned tensor arrived, write the adapter; the weights file. ``summary``: report fields."""
+        missing = [n for ns in self._pending.values() for n in ns]
+        if missing:
+            raise OutputError(f"tensor '{sorted(missing)[0]}' was planned for the adapter but never written")
+        out, rank = self.out, self.rank
+        if self.refused:
+            first = min(self.refused, key=self._order.index)
+            more = f" (and {len(self.refused) - 1} more)" if len(self.refused) > 1 else ""
+            raise RecipeError(
+                f"output: lora cannot hold the merged change of '{first}'{more}: it is neither a linear/embedding "
+                f"weight nor a parameter of a leaf module (modules_to_save); exclude it from select or use output: "
+                f"full"
+            )
+        for module in sorted(self._whole):
+            self.notes(f"output: lora: module '{module}' changed beyond its weight, so the adapter stores it whole "
+                       f"(modules_to_save)")
+        for module, params in out.full.items():
+            for attr, t in params.items():
+                out.tensors[f"{PEFT_PREFIX}{module}.{attr}"] = t
+        if not out.targets and not out.full:
+            raise OutputError(
+                "output: lora: the merged model equals the base (every merged delta is zero): there is no adapter "
+                "to write"
+            )
+        if not out.targets:
+            raise OutputError(
+                "output: lora: no linear or embedding weight changed, so the adapter would have no LoRA module "
+                "(peft refuses such an adapter); use output: full"
+            )
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        rank_pattern = {re.escape(m): r for m, r in sorted(out.targets.items()) if r != rank}
+        base_name = self.base_ref if "/snapshots/" in str(self.base.path) else str(self.base.path)
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=sorted(out.targets),
+            rank_pattern=rank_pattern,
+            alpha_pattern=dict(rank_pattern),
+            modules_to_save=sorted(out.full) or None,
+            lora_dropout=0.0,
+            bias="none",
+            base_model_name_or_path=base_name,
+            task_type=self.task_type,
+            inference_mode=True,
         )
-    # A module whose bias/norm changed as well as its LoRA-able weight is stored whole (peft cannot both adapt a
-    # module and save it); its weight is recomputed exactly.
-    for module in [m for m in out.full if m in out.targets]:
-        job = out.target_jobs.pop(module)
-        r = out.targets.pop(module)
-        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
-            out.tensors.pop(f"{PEFT_PREFIX}{module}{suffix}", None)
-        out.stats.pop(module, None)
-        base_t, delta = run.whole_tensor_delta(job, stats)
-        out.full[module]["weight"] = base_t.add_(delta).to(job.out_dtype).contiguous()
-        run.notes(
-            f"output: lora: module '{module}' changed beyond its weight (rank-{r} LoRA), so the adapter stores it "
-            f"whole (modules_to_save)"
+        cfg.save_pretrained(str(self.folder))
+        weights = self.folder / ADAPTER_WEIGHTS[0]
+        save_file(dict(sorted(out.tensors.items())), str(weights),
+                  metadata={"format": "pt", "omnimerge_method": self.method})
+        module_errors = {m: math.sqrt(e / n) if n > 0 else 0.0 for m, (e, n) in sorted(out.stats.items())}
+        by_kind: dict[str, list[float]] = {}
+        for m, (e, n) in sorted(out.stats.items()):
+            acc = by_kind.setdefault(m.rsplit(".", 1)[-1], [0.0, 0.0, 0.0])
+            acc[0] += e
+            acc[1] += n
+            acc[2] = max(acc[2], module_errors[m])
+        errors = {k: math.sqrt(a[0] / a[1]) if a[1] > 0 else 0.0 for k, a in by_kind.items()}
+        summary = ", ".join(f"{k} {v:.3g} (max {by_kind[k][2]:.3g})" for k, v in errors.items())
+        self.notes(
+            f"output: lora rank {rank}: {len(out.targets)} LoRA modules"
+            + (f", {len(out.full)} stored whole" if out.full else "")
+            + f"; relative error ||dW - BA||_F/||dW||_F by module kind: {summary}"
         )
-    for module, params in out.full.items():
-        for attr, t in params.items():
-            out.tensors[f"{PEFT_PREFIX}{module}.{attr}"] = t
-    if not out.targets and not out.full:
-        raise OutputError(
-            "output: lora: the merged model equals the base (every merged delta is zero): there is no adapter to write"
-        )
-    if not out.targets:
-        raise OutputError(
-            "output: lora: no linear or embedding weight changed, so the adapter would have no LoRA module "
-            "(peft refuses such an adapter); use output: full"
-        )
-    rank_pattern = {re.escape(m): r for m, r in out.targets.items() if r != rank}
-    task_types = {s.config.get("task_type") for s in run.experts if getattr(s, "kind", "") == "adapter"}
-    task_types.discard(None)
-    base_ref = run.recipe.base_model
-    base_name = base_ref if "/snapshots/" in str(base.path) else str(base.path)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(out.targets),
-        rank_pattern=rank_pattern,
-        alpha_pattern=dict(rank_pattern),
-        modules_to_save=sorted(out.full) or None,
-        lora_dropout=0.0,
-        bias="none",
-        base_model_name_or_path=base_name,
-        task_type=task_types.pop() if len(task_types) == 1 else None,
-        inference_mode=True,
-    )
-    cfg.save_pretrained(str(tmp_dir))
-    weights = tmp_dir / ADAPTER_WEIGHTS[0]
-    save_file(out.tensors, str(weights), metadata={"format": "pt", "omnimerge_method": run.method.name})
-    module_errors = {m: math.sqrt(e / n) if n > 0 else 0.0 for m, (e, n) in out.stats.items()}
-    by_kind: dict[str, list[float]] = {}
-    for m, (e, n) in out.stats.items():
-        acc = by_kind.setdefault(m.rsplit(".", 1)[-1], [0.0, 0.0, 0.0])
-        acc[0] += e
-        acc[1] += n
-        acc[2] = max(acc[2], module_errors[m])
-    errors = {k: math.sqrt(a[0] / a[1]) if a[1] > 0 else 0.0 for k, a in by_kind.items()}
-    summary = ", ".join(f"{k} {v:.3g} (max {by_kind[k][2]:.3g})" for k, v in errors.items())
-    run.notes(
-        f"output: lora rank {rank}: {len(out.targets)} LoRA modules"
-        + (f", {len(out.full)} stored whole" if out.full else "")
-        + f"; relative error ||dW - BA||_F/||dW||_F by module kind: {summary}"
-    )
-    return {
-        "lora_rank": rank,
-        "lora_modules": len(out.targets),
-        "lora_modules_to_save": sorted(out.full),
-        "lora_relative_error": errors,
-        "lora_module_errors": module_errors,
-        "shards": [weights.name],
-        "output_bytes": weights.stat().st_size,
-    }
+        self.summary = {
+            "lora_rank": rank,
+            "lora_modules": len(out.targets),
+            "lora_modules_to_save": sorted(out.full),
+            "lora_relative_error": errors,
+            "lora_module_errors": module_errors,
+            "output_bytes": weights.stat().st_size,
+        }
+        return [weights]
+
+    def close(self) -> None:
+        with self._lock:
+            self._held.clear()
 
 
 __all__ = [
     "AdapterFiles",
     "AdapterSource",
     "FullTensor",
+    "LoraAdapterSink",
     "LoraModule",
     "describe_adapter",
     "open_adapter",
-    "write_lora_output",
 ]
 

@@ -168,6 +168,8 @@ class ShardedWriter:
             after may leave it truncated.
     """
 
+    whole_tensors = False  # (a Sink: takes blocks and patches)
+
     def __init__(
         self,
         folder: Path,
