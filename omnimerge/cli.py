@@ -171,13 +171,13 @@ def inspect(
 
 @app.command("task-model")
 def task_model(
-    merged: Annotated[str, typer.Argument(help="a unified merge written with task_models: true (e.g. emr)")],
+    merged: Annotated[str, typer.Argument(help="a unified merge written with task_models: true (emr, consensus)")],
     task: Annotated[str, typer.Argument(help="the task: an expert's name as in the merge, or its 0-based number")],
     output: Annotated[str, typer.Option("-o", "--output", help="the task-specific checkpoint folder to write")],
     base: Annotated[str | None, typer.Option("--base", help="the base model (default: the one merged)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace OUTPUT if it exists")] = False,
 ) -> None:
-    """Rebuild one expert's task-specific model from a unified merge and its per-task masks (EMR)."""
+    """Rebuild one expert's task-specific model from a unified merge and its per-task masks (emr, consensus)."""
     from omnimerge.task_models import write_task_model
 
     done = write_task_model(merged, task, output, base=base, overwrite=overwrite)

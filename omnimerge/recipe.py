@@ -81,7 +81,7 @@ class Recipe(BaseModel):
     mode: Literal["capability", "modality"] = "capability"
     rank: int | None = Field(default=None, ge=1)
     #: also write the per-task masks and rescalers that rebuild each expert's task-specific model from the
-    #: unified merge (methods with per-task masks: emr; see omnimerge.task_models)
+    #: unified merge (methods with per-task masks: emr, consensus; see omnimerge.task_models)
     task_models: bool = False
     #: folder that relative paths are resolved against (the recipe file's folder); not part of the YAML
     base_dir: str | None = Field(default=None, exclude=True)

@@ -1,8 +1,8 @@
-"""Per-task models from one unified merge (EMR-Merging): the masks and rescalers beside the checkpoint, and the
-loader that rebuilds an expert's task-specific model.
+"""Per-task models from one unified merge (EMR-Merging, TALL masks): the masks and rescalers beside the
+checkpoint, and the loader that rebuilds an expert's task-specific model.
 
-A merge with ``task_models: true`` (methods declaring ``Capabilities.task_masks``: ``emr``) writes, inside its
-output folder::
+A merge with ``task_models: true`` (methods declaring ``Capabilities.task_masks``: ``emr``, ``consensus``)
+writes, inside its output folder::
 
     task_models/task_models.json        tasks, rescalers, scaling, the base model, sizes
     task_models/masks.safetensors       per merged tensor: uint8 (T, ceil(N / 8)), the T masks bit-packed
@@ -10,9 +10,19 @@ output folder::
 
 Task t's model is W_t = W0 + r_t M_t * tau_uni with tau_uni = (W_uni - W0) / scaling (W_uni the unified
 checkpoint, W0 the base) on the merged tensors, and the unified (= base) tensors elsewhere. The masks cost
-T / 8 bytes per merged entry instead of T full experts. With ``scaling`` 1 (EMR's) and the experts in the
-base's dtype, W_uni - W0 recovers tau_uni exactly (each entry of W_uni is an expert's weight); with another
-scaling the rebuilt models carry the unified checkpoint's rounding.
+T / 8 bytes per merged entry instead of T full experts. Per method:
+
+- ``emr``: M_t = [tau_t gamma > 0], r_t = sum |tau_t| / sum |M_t tau_uni| (EMR-Merging's task-specific models).
+- ``consensus``: M_t the TALL masks m_t = [|tau_t| > lambda |tau_MTL - tau_t|] the merge counts, r_t = 1. The
+  unified vector holds tau_MTL only where c = sum_t m_t >= k (``prun_thre_k``), so task t's model is
+  W0 + m_t [c >= k] tau_MTL: with k <= 1 exactly TALL's theta0 + m_t tau_MTL (Wang et al., ICML 2024); with
+  k >= 2 it lacks the entries kept by fewer than k tasks (the merge says so in a note).
+
+The rebuilt models carry the unified checkpoint's rounding: W_uni = W0 + scaling tau_uni is rounded to its
+dtype, and (W_uni - W0) / scaling recovers tau_uni up to that. With ``scaling`` 1 (EMR's) and the experts in the
+base's dtype, each entry of EMR's W_uni is an expert's weight; consensus's is W0 plus a sum of T task vectors,
+rounded once more, so its task models are theta0 + m_t tau_MTL to within a few units in the last place of the
+weights (exactly where the sums are exact in the dtype).
 """
 
 from __future__ import annotations
@@ -106,7 +116,7 @@ def read_index(path: str | Path) -> dict[str, Any]:
     index = Path(path) / TASK_DIR / INDEX
     if not index.is_file():
         raise RecipeError(f"{path}: no per-task masks ({TASK_DIR}/{INDEX} missing; merge with task_models: true and a "
-                          f"method that has them, such as emr)")
+                          f"method that has them: emr, consensus)")
     try:
         data = json.loads(index.read_text())
     except (OSError, ValueError) as e:

@@ -157,6 +157,36 @@ def ramplus_tl(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: Te
     return out
 
 
+def _multi_task_vector(task_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """tau_MTL = sum_t tau_t (unscaled), summed in the experts' order into a new tensor."""
+    mtl = task_vectors[0].clone()
+    for tv in task_vectors[1:]:
+        mtl.add_(tv)
+    return mtl
+
+
+def _tall_mask(tv: torch.Tensor, mtl: torch.Tensor, tall_mask_lambda: float) -> torch.Tensor:
+    """TALL mask m_t = [|tau_t| > lambda |tau_MTL - tau_t|] (strict; bool): the one test ``consensus`` counts and
+    :func:`consensus_task_masks` writes."""
+    return tv.abs() > (mtl - tv).abs_().mul_(tall_mask_lambda)
+
+
+def consensus_task_masks(task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *, scaling: float,
+                         tall_mask_lambda: float, prun_thre_k: int) -> TaskMasks:
+    """TALL's per-task masks m_t (as ``consensus`` computes them) with rescalers 1: the loader rebuilds task t as
+    W0 + m_t tau_uni, tau_uni = tau_MTL [c >= k] the unified vector, i.e. W0 + m_t [c >= k] tau_MTL. For k <= 1
+    that is TALL's theta0 + m_t tau_MTL (an entry any mask keeps has c >= 1); for k >= 2 the entries kept by
+    fewer than k tasks are missing, which is said once in a note. The task vectors are not modified."""
+    if prun_thre_k >= 2:
+        ctx.log(f"consensus: the task models (task_models: true) lack the entries kept by fewer than "
+                f"prun_thre_k = {prun_thre_k} tasks' TALL masks (the unified merge drops them); prun_thre_k: 1 "
+                f"gives TALL's per-task models theta0 + m_t tau_MTL exactly")
+    mtl = _multi_task_vector(task_vectors)
+    masks = [_tall_mask(tv, mtl, tall_mask_lambda) for tv in task_vectors]
+    zeros = [0.0] * len(masks)
+    return TaskMasks(masks, zeros, list(zeros), rescale=False)
+
+
 @merge_method(
     "consensus",
     params=[scaling_param(0.3),
@@ -168,7 +198,7 @@ def ramplus_tl(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: Te
     paper="Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024 "
           "(arXiv 2405.07813)",
     url="https://arxiv.org/abs/2405.07813",
-    capabilities=ELEMENTWISE,
+    capabilities=Capabilities(elementwise=True, task_masks=consensus_task_masks),
 )
 def consensus(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: TensorContext, *,
               scaling: float, tall_mask_lambda: float, prun_thre_k: int) -> torch.Tensor:
@@ -177,13 +207,18 @@ def consensus(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: Ten
     tau_MTL = sum_t tau_t (unscaled); m_t = [|tau_t| > lambda |tau_MTL - tau_t|] (strict), c = sum_t m_t;
     W = W0 + scaling (tau_MTL [c >= k]). The masks test the task vectors, not the pretrained weights
     (FusionBench 0.2.33's TallMaskTaskArithmetic passes the weights: a bug not reproduced here).
+
+    With the recipe's ``task_models: true`` the merge also writes the TALL masks m_t (rescalers 1;
+    :func:`consensus_task_masks`), from which ``omnimerge.load_task_model`` rebuilds task t's model
+    W0 + m_t tau_uni with tau_uni = tau_MTL [c >= k] the unified vector: W0 + m_t [c >= k] tau_MTL. With
+    prun_thre_k <= 1 that is the paper's per-task model theta0 + m_t tau_MTL (every entry a mask keeps has
+    c >= 1); with k >= 2 the task models lack the entries kept by fewer than k tasks (the merge says so in a
+    note).
     """
-    mtl = task_vectors[0].clone()
-    for tv in task_vectors[1:]:
-        mtl.add_(tv)
+    mtl = _multi_task_vector(task_vectors)
     count = torch.zeros_like(mtl)
     for tv in task_vectors:
-        count.add_((tv.abs() > (mtl - tv).abs_().mul_(tall_mask_lambda)).to(count.dtype))
+        count.add_(_tall_mask(tv, mtl, tall_mask_lambda).to(count.dtype))
     return torch.where(count >= prun_thre_k, mtl, 0.0).mul_(scaling)
 
 
