@@ -573,22 +573,14 @@ class MergeRun:
         """Merge one tensor into the sink by the first strategy that applies (each gives the same bits):
         block-streamed for elementwise methods, from the experts' weights alone, the method's streamed
         implementation, else whole. A streamed attempt that meets a non-finite value falls back to the whole
-        tensor, which reports it."""
-        if writer.whole_tensors:  # e.g. the LoRA adapter output: one whole tensor per write
-            fw = self._from_weights()
-            if fw is not None:
-                writer.write(job.name, self._merged_from_weights(job, fw).to(job.out_dtype))
-                self._count("from_weights")
-                return
-            base, delta = self.whole_tensor_delta(job, stats)
-            writer.write(job.name, base.add_(delta).to(job.out_dtype))
-            self._count("whole")
-            return
-        if isinstance(self._kept, dict):
+        tensor, which reports it. A sink that takes whole tensors (e.g. the LoRA adapter output) gets only the
+        strategies that write one whole tensor."""
+        blocks = not writer.whole_tensors
+        if blocks and isinstance(self._kept, dict):
             self._merge_job_kept(job, writer, stats)
             self._count("kept")
             return
-        if job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
+        if blocks and job.meta.numel >= FUSED_BLOCK and self._fusable() and self._merge_job_fused(job, writer):
             self._count("fused")
             return
         fw = self._from_weights()
@@ -596,7 +588,7 @@ class MergeRun:
             writer.write(job.name, self._merged_from_weights(job, fw).to(job.out_dtype))
             self._count("from_weights")
             return
-        bw = self._blockwise(job)
+        bw = self._blockwise(job) if blocks else None
         if bw is not None and self._merge_job_blockwise(job, writer, stats, bw):
             self._count("blockwise")
             return

@@ -81,17 +81,21 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
                     es[-1] = base
                 from omnimerge.methods.operators import RankBracket
 
-                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
+                def state(guess: float) -> SparseState:
+                    st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
+                    st.guess = guess
+                    return st
+
                 # the statistics sweep first (a TIES job starts with it), then the merge loop
+                st = state(0.0)
                 st.brackets = [RankBracket(0.0, 1.0, 1) for _ in range(experts)]
                 TiesBlocks(st, out_dtype, n).sweep(st, 0, base, es)
                 _ready.add("ties_sweep")
-                st.brackets = []
-                st.guess = 1.0  # with a guessed majority sign: the main loop and the flag reductions
+                st = state(1.0)  # with a guessed majority sign: the main loop and the flag reductions
                 TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
                 _ready.add("ties_merge")
                 # then, with the merge already on the kernels, the loop for entries without a guess
-                st = SparseState(TensorContext(name="warm-up"), n, plan, [[] for _ in range(experts)], [], [])
+                st = state(0.0)
                 TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
             else:
                 for d in (False, True) if direct is None else (direct,):
@@ -118,9 +122,7 @@ def ready(kind: str) -> bool:
     them to load or compile (see :func:`preload`): each becomes ready as soon as it has compiled."""
     if _warm_thread is None:
         return _kernels() is not None
-    if _compiled is None:
-        return False
-    return kind in _ready or (_warm.is_set() and not _failed)
+    return _compiled is not None and (kind in _ready or _warm.is_set())
 
 
 def available() -> bool:
