@@ -12,6 +12,9 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 _OPTS = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
+#: loops called only from other kernels: inlined into their callers (numba IR), so that they are not compiled
+#: and optimised once on their own and again inside each caller (a third of the TIES sweep's compilation)
+_INLINE = {**_OPTS, "inline": "always"}
 #: entries per sub-block inside a kernel call (the float32 working rows stay in a core's L2 cache)
 SUB = 1 << 16
 _I32 = ir.IntType(32)
@@ -134,14 +137,14 @@ def average(experts: Any, sm: Any, sd: Any, out: Any) -> bool:
     return bad == 0
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def _store(res: Any, m: int, out: Any, s0: int) -> None:
     """res[:m] (float32) into out[s0:s0+m] in the output's dtype (see _put)."""
     for j in range(m):
         _put(out, s0 + j, res[j])
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def _load(base: Any, experts: Any, s0: int, m: int, bf: Any, tv: Any) -> None:
     """Entries [s0, s0 + m) of the inputs: the base as float32 into bf, the task vectors W_i - W0 into tv."""
     for j in range(m):
@@ -153,7 +156,7 @@ def _load(base: Any, experts: Any, s0: int, m: int, bf: Any, tv: Any) -> None:
             row[j] = _f32(e[s0 + j]) - bf[j]
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def prepare(tv: Any, n: int, start: int, keys: Any, dthr: int, dscale: float, use_drop: bool) -> bool:
     """Finiteness of the task vectors, then DARE (as ties.dare_: counter-based masks) in place."""
     finite = True
@@ -182,7 +185,7 @@ def prepare(tv: Any, n: int, start: int, keys: Any, dthr: int, dscale: float, us
                     row[j] = row[j] * (s if x >= thr else zero)
     return finite
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def _count4(row: Any, n: int, flo: Any, fhi: Any) -> Any:
     le_lo = 0
     lt_lo = 0
@@ -197,7 +200,7 @@ def _count4(row: Any, n: int, flo: Any, fhi: Any) -> Any:
     return le_lo, lt_lo, lt_hi, le_hi
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def _gather(row: Any, n: int, flo: Any, fhi: Any, inside: Any) -> int:
     k = 0
     for j in range(n):
@@ -208,7 +211,7 @@ def _gather(row: Any, n: int, flo: Any, fhi: Any, inside: Any) -> int:
     return k
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def count(row: Any, n: int, lo: float, hi: float, has_lo: bool, has_hi: bool, inside: Any) -> Any:
     """Counts of |x| <= lo, < lo, < hi, <= hi; the magnitudes strictly inside (lo, hi) go to ``inside``
     (a missing bound is -inf / +inf; its counts are then meaningless and unused)."""
@@ -219,7 +222,7 @@ def count(row: Any, n: int, lo: float, hi: float, has_lo: bool, has_hi: bool, in
     return le_lo, lt_lo, lt_hi, le_hi, k
 
 
-@nb.njit(**_OPTS)
+@nb.njit(**_INLINE)
 def ties_merge(tv: Any, bf: Any, n: int, start: int, thr: Any, use_thr: Any, w: Any, scaling: float,
                maj: float, maj_known: bool, tot: Any, acc: Any, out: Any, flag: Any, amb_idx: Any, amb_pos: Any,
                amb_neg: Any) -> Any:

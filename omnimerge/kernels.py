@@ -48,8 +48,8 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
     linear loop and ~1 s for TIES's): merging starts at once on the torch path and switches to the kernels,
     chunk by chunk, as soon as :func:`ready` says so. Both give the same bits. ``ties``: the TIES loops (with
     DARE masks if ``drop``) instead of the linear ones; ``direct``: only the loop over the experts' weights
-    (True) or over task vectors (False), None both. Only what the merge calls is compiled, and TIES's loop for
-    entries without a majority guess (rare) after :func:`ready` is set."""
+    (True) or over task vectors (False), None both. Only what the merge calls is compiled; TIES's loop for entries
+    without a majority guess (rare) compiles on the worker that first needs it."""
     global _warm_thread
     if _warm_thread is not None:
         return
@@ -94,9 +94,7 @@ def preload(in_dtype: torch.dtype, out_dtype: torch.dtype, experts: int, ties: b
                 st = state(1.0)  # with a guessed majority sign: the main loop and the flag reductions
                 TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
                 _ready.add("ties_merge")
-                # then, with the merge already on the kernels, the loop for entries without a guess
-                st = state(0.0)
-                TiesBlocks(st, out_dtype, n).merge(st, 0, base, es)
+                # (the loop for entries without a majority guess compiles where a merge first needs it: rarely)
             else:
                 for d in (False, True) if direct is None else (direct,):
                     LinearBlocks(out_dtype, n, 1.0, "mul", d)(base, [base] * experts)
