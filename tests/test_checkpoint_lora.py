@@ -377,6 +377,21 @@ def test_output_lora_full_rank_reproduces_dense_merge(arch: str, fam: dict[str, 
     assert torch.allclose(la, ld, atol=1e-5)
 
 
+def test_output_lora_reruns_are_byte_identical(fam: dict[str, Any], tmp_path: Path) -> None:
+    """The adapter file is the same bytes on every run and worker count (its safetensors metadata once had two keys,
+    which the library writes in an order that changes from call to call)."""
+    from omnimerge.api import merge
+
+    base, adapters = fam["qwen2vl"]["base"], fam["qwen2vl"]["adapters"]
+    recipe = {"base_model": str(base), "models": models(*adapters), "merge_method": "ties", "output": "lora",
+              "rank": 3}
+    blobs = set()
+    for i, workers in enumerate((1, 1, 2, 2, 1, 2)):
+        merge(recipe, tmp_path / f"o{i}", workers=workers, hash_inputs=False)
+        blobs.add((tmp_path / f"o{i}" / "adapter_model.safetensors").read_bytes())
+    assert len(blobs) == 1
+
+
 def test_output_lora_low_rank_reports_true_errors(fam: dict[str, Any], tmp_path: Path) -> None:
     arch = "qwen2vl"
     base, adapters = fam[arch]["base"], fam[arch]["adapters"]

@@ -880,8 +880,9 @@ class LoraAdapterSink:
         )
         cfg.save_pretrained(str(self.folder))
         weights = self.folder / ADAPTER_WEIGHTS[0]
-        save_file(dict(sorted(out.tensors.items())), str(weights),
-                  metadata={"format": "pt", "omnimerge_method": self.method})
+        # one metadata key only: safetensors keeps the metadata in a hash map whose order changes from one call to
+        # the next, so two keys would make reruns differ in their bytes (the method is in the model card)
+        save_file(dict(sorted(out.tensors.items())), str(weights), metadata={"format": "pt"})
         module_errors = {m: math.sqrt(e / n) if n > 0 else 0.0 for m, (e, n) in sorted(out.stats.items())}
         by_kind: dict[str, list[float]] = {}
         for m, (e, n) in sorted(out.stats.items()):
