@@ -82,6 +82,38 @@ def _dots(a: torch.Tensor, b: torch.Tensor, over: str) -> torch.Tensor:
     return acc
 
 
+def _gram(vecs: Sequence[torch.Tensor], over: str) -> torch.Tensor:
+    """The float64 Gram matrices G[..., i, j] = <v_i, v_j> of same-shaped tensors in one pass over them: one
+    (T x T) matrix (``over="all"``) or one per row of dimension 0 (``"rows"``, shape (rows, T, T)). Chunked as
+    :func:`_dots`, each chunk converted to float64 once for all T (T + 1) / 2 products."""
+    T = len(vecs)
+    dev = vecs[0].device
+    if over == "all" or vecs[0].dim() < 2:
+        flat = [v.reshape(-1) for v in vecs]
+        n = flat[0].numel()
+        g = torch.zeros((T, T), dtype=torch.float64, device=dev)
+        buf = torch.empty((T, min(n, _CHUNK)), dtype=torch.float64, device=dev)  # one buffer, reused
+        for i in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - i)
+            for k, f in enumerate(flat):
+                buf[k, :m].copy_(f[i:i + m])
+            x = buf[:, :m]
+            g += x @ x.T
+        return g
+    rows = [v.reshape(v.shape[0], -1) for v in vecs]
+    R, n = rows[0].shape
+    per = max(1, _CHUNK // max(1, n))
+    out = torch.empty((R, T, T), dtype=torch.float64, device=dev)
+    buf = torch.empty((min(R, per), T, n), dtype=torch.float64, device=dev)
+    for i in range(0, R, per):
+        m = min(per, R - i)
+        for k, r in enumerate(rows):
+            buf[:m, k].copy_(r[i:i + m])
+        x = buf[:m]
+        torch.bmm(x, x.transpose(1, 2), out=out[i:i + m])
+    return out
+
+
 def _scaled(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """coef * x with a float64 coefficient (scalar or broadcastable) applied in x's dtype."""
     if isinstance(coef, torch.Tensor):
@@ -360,16 +392,18 @@ def model_stock(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: T
     shape = task_vectors[0].shape
     per_row = filter_wise and len(shape) >= 2
     vecs = [tv.reshape(shape[0], -1) for tv in task_vectors] if per_row else list(task_vectors)
-    over = "rows" if per_row else "all"
-    norms = [_dots(v, v, over).sqrt_() for v in vecs]
-    total = torch.zeros_like(norms[0])
+    g = _gram(vecs, "rows" if per_row else "all")  # every <tau_i, tau_j> in one pass over the experts
+    norms = torch.diagonal(g, dim1=-2, dim2=-1).sqrt()
+    total = torch.zeros(g.shape[:-2], dtype=torch.float64, device=g.device)
     pairs = 0
     for i in range(T):
         for j in range(i + 1, T):
-            den = (norms[i] * norms[j]).clamp_(min=1e-6)
-            total += (_dots(vecs[i], vecs[j], over) / den).clamp_(-1.0, 1.0)
+            den = (norms[..., i] * norms[..., j]).clamp_(min=1e-6)
+            total += (g[..., i, j] / den).clamp_(-1.0, 1.0)
             pairs += 1
     c = total / pairs
+    if per_row:
+        c = c.unsqueeze(-1)
     den = 1.0 + (T - 1) * c
     small = den.abs() < 1e-6
     t = torch.where(small, torch.zeros_like(c), T * c / torch.where(small, torch.ones_like(den), den))
