@@ -693,7 +693,7 @@ def load_online(path: str | Path, label: str, model_class: Any = None) -> Any:
     if model_class is None:
         arch = manifest["outputs"][label]["architectures"][0]
         model_class = getattr(transformers, arch)
-    model = model_class.from_pretrained(model_dir)
+    model = model_class.from_pretrained(model_dir, trust_remote_code=False)
     names = manifest["activate"]
     peft_model = PeftModel.from_pretrained(model, root / manifest["adapters"][names[0]]["path"], adapter_name=names[0])
     for n in names[1:]:

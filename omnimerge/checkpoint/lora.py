@@ -619,7 +619,10 @@ def _in_memory_layout(base: Checkpoint) -> dict[str, _Param] | None:
     try:
         import transformers
 
-        cfg = transformers.AutoConfig.from_pretrained(str(base.path))
+        if "auto_map" in base.config and base.model_type not in transformers.CONFIG_MAPPING:
+            return None  # only the checkpoint's own code could build it: never run code from an input
+        # trust_remote_code=False: transformers neither prompts nor imports the checkpoint's Python files
+        cfg = transformers.AutoConfig.from_pretrained(str(base.path), trust_remote_code=False)
         archs = getattr(cfg, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:
