@@ -47,9 +47,10 @@ from omnimerge.checkpoint.reader import (
     resolve_model_path,
 )
 from omnimerge.checkpoint.sources import ExpertSource, FullSource, open_expert
-from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, parse_size
+from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, check_output_apart, parse_size
 from omnimerge.components import Selector, classify
 from omnimerge.errors import (
+    CheckpointError,
     NonFiniteTensorError,
     OmniMergeError,
     OutputError,
@@ -145,6 +146,8 @@ class MergeRun:
                 raise RecipeError("task_models: give single parameter values (the masks' loader rebuilds every "
                                   "tensor with one scaling)")
             self.strategy = "whole"  # the masks are computed from each tensor's whole task vectors
+        if self.output is not None:
+            check_output_apart(self.output, self._input_folders())
         if self.output is not None and self.output.exists() and not self.overwrite:
             raise OutputError(f"{self.output}: already exists (use --overwrite to replace it)")
         self.base: Checkpoint | None = None
@@ -155,6 +158,21 @@ class MergeRun:
         #: with options.keep_inputs: per merged tensor, its inputs kept in memory (see _merge_job_kept); None
         #: until decided, False when they do not fit
         self._kept: dict[str, tuple[torch.Tensor | None, list[torch.Tensor], list[Any] | None]] | None | bool = None
+
+    def _input_folders(self) -> list[tuple[str, Path]]:
+        """The recipe's input folders (base, experts and adapters, copy_files_from), for the output guard; a
+        reference that does not resolve is left to :meth:`open` to report."""
+        r = self.recipe
+        refs = [("base model", r.base_model)] + [(f"model '{m.model}'", m.model) for m in r.models]
+        if r.copy_files_from:
+            refs.append(("copy_files_from model", r.copy_files_from))
+        out: list[tuple[str, Path]] = []
+        for what, ref in refs:
+            try:
+                out.append((what, resolve_model_path(ref, r.base_path)))
+            except CheckpointError:
+                continue
+        return out
 
     def set_parameters(self, parameters: dict[str, Any] | None = None,
                        model_parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,6 +391,25 @@ class ShardedWriter:
             if s.fd >= 0:
                 os.close(s.fd)
                 s.fd = -1
+
+
+def check_output_apart(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output that is, contains, or lies inside an input folder (compared as resolved real paths, so
+    symlinks and ``..`` do not hide it): replacing or writing into it would destroy the input, with
+    ``--overwrite`` or not. ``inputs``: (what it is, e.g. "base model", its folder)."""
+    out = Path(os.path.realpath(target))
+    for what, folder in inputs:
+        real = Path(os.path.realpath(folder))
+        if out == real:
+            rel = "is"
+        elif real.is_relative_to(out):
+            rel = "contains"
+        elif out.is_relative_to(real):
+            rel = "lies inside"
+        else:
+            continue
+        raise OutputError(f"{target}: the output {rel} the {what} {folder} (inputs are never replaced or written "
+                          f"into: choose another output folder)")
 
 
 def make_temp_dir(target: Path) -> Path:
