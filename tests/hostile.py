@@ -51,3 +51,12 @@ def no_leftovers(out: Path) -> None:
     if out.parent.exists():
         left = [p.name for p in out.parent.iterdir() if "omnimerge-tmp" in p.name or ".omt-" in p.name]
         assert not left, left
+
+
+def st_bytes(header: dict[str, Any] | bytes, data: bytes) -> bytes:
+    """A safetensors file from a header (a dict, dumped as JSON, or raw bytes) and its data area."""
+    import json
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw + data

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_name
-from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, read_json
+from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, quoted, read_json
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
 from omnimerge.types import LowRank
 
@@ -111,6 +111,16 @@ class FullTensor:
     key: str  # tensor name in the adapter file
     name: str  # parameter name (prefix and wrapper levels stripped)
     origin: str
+
+
+def _positive(where: str, key: str, v: Any, integer: bool) -> None:
+    """A rank (a positive integer) or an alpha (a positive finite number), else one line naming the key."""
+    ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+    if ok and integer:
+        ok = float(v).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise CheckpointError(f"{where}: '{key}' must be {kind}, got {quoted(v, 60)}")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -183,13 +193,13 @@ class AdapterFiles:
                 f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which gives a plain LoRA"
             )
         for key in ("r", "lora_alpha"):
-            v = c.get(key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise CheckpointError(f"{where}: '{key}' must be a positive number, got {v!r}")
+            _positive(where, key, c.get(key), integer=key == "r")
         for key in ("rank_pattern", "alpha_pattern"):
             v = c.get(key) or {}
             if not isinstance(v, dict):
                 raise CheckpointError(f"{where}: '{key}' must be a mapping, got {type(v).__name__}")
+            for k, x in v.items():
+                _positive(where, f"{key}[{quoted(k, 40)}]", x, integer=key == "rank_pattern")
         if c.get("bias") not in (None, "none", "all", "lora_only"):
             raise CheckpointError(f"{where}: unknown 'bias' value {c.get('bias')!r}")
 
