@@ -565,6 +565,7 @@ def open_adapter(path: Path, ref: str, base: Checkpoint, label: str) -> AdapterS
 def describe_adapter(folder: Path) -> Any:
     """A rich renderable summarising an adapter folder (``omnimerge inspect``)."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -573,11 +574,12 @@ def describe_adapter(folder: Path) -> Any:
         c = f.config
         flags = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if c.get(k)]
         head = Text.from_markup(
-            f"[bold]{folder}[/]  PEFT LoRA adapter  r={c.get('r')} lora_alpha={c.get('lora_alpha')}"
+            f"[bold]{escape(str(folder))}[/]  PEFT LoRA adapter  r={escape(quoted(c.get('r'), 40))} "
+            f"lora_alpha={escape(quoted(c.get('lora_alpha'), 40))}"
             f"{'  ' + ' '.join(flags) if flags else ''}\n"
-            f"base_model_name_or_path={f.base_model_name or '?'}  task_type={c.get('task_type') or '-'}  "
-            f"bias={c.get('bias', 'none')}\n"
-            f"{f.file.name}: {f.file.stat().st_size / 1e6:.2f} MB, {len(f.metas)} tensors, "
+            f"base_model_name_or_path={escape(str(f.base_model_name or '?'))}  "
+            f"task_type={escape(str(c.get('task_type') or '-'))}  bias={escape(str(c.get('bias', 'none')))}\n"
+            f"{escape(f.file.name)}: {f.file.stat().st_size / 1e6:.2f} MB, {len(f.metas)} tensors, "
             f"{len(f.modules)} LoRA modules, {len(f.full)} full tensors",
         )
         groups: dict[str, list[LoraModule]] = {}
@@ -591,10 +593,10 @@ def describe_adapter(folder: Path) -> Any:
             alphas = sorted({m.alpha for m in ms})
             scales = sorted({round(m.scale, 6) for m in ms})
             t.add_row(
-                kind + (" (DoRA)" if any(m.magnitude for m in ms) else "")
+                escape(kind) + (" (DoRA)" if any(m.magnitude for m in ms) else "")
                 + (" (embedding)" if ms[0].kind == "embedding" else ""),
                 str(len(ms)), ",".join(map(str, ranks)), ",".join(f"{a:g}" for a in alphas),
-                ",".join(f"{s:g}" for s in scales), ms[0].name,
+                ",".join(f"{s:g}" for s in scales), escape(ms[0].name),
             )
         parts: list[Any] = [head, t]
         if f.full:
@@ -602,7 +604,7 @@ def describe_adapter(folder: Path) -> Any:
             for col in ("full tensor", "origin", "shape"):
                 ft.add_column(col)
             for x in f.full.values():
-                ft.add_row(x.name, x.origin, str(list(f.metas[x.key].shape)))
+                ft.add_row(escape(x.name), escape(x.origin), str(list(f.metas[x.key].shape)))
             parts.append(ft)
         return Group(*parts)
     finally:
