@@ -55,6 +55,7 @@ from omnimerge.errors import (
     OmniMergeError,
     OutputError,
     RecipeError,
+    quoted,
 )
 from omnimerge.executor import Notes, execute
 from omnimerge.kernels import CHUNK as KERNEL_CHUNK
@@ -88,9 +89,20 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    where = f"--device {quoted(str(device), 40)}"
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, ValueError, TypeError):
+        raise RecipeError(f"{where}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"{where}: merges run on cpu, cuda or mps, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{where}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RecipeError(f"{where}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RecipeError(f"{where}: no MPS device is available")
     return dev
 
 

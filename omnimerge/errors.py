@@ -34,3 +34,13 @@ class NonFiniteTensorError(CheckpointError):
 
 class OutputError(OmniMergeError):
     """The output cannot be written (exists, disk full, ...)."""
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: values from inputs are quoted in messages, never echoed whole
+    (a recipe's alias bomb or a 100 MB tensor name must not become the message)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a self-referencing structure; an int too long for str()
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

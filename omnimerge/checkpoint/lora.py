@@ -52,8 +52,8 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_name
-from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, quoted, read_json
-from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
+from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, read_json
+from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError, quoted
 from omnimerge.types import LowRank
 
 ADAPTER_CONFIG = "adapter_config.json"

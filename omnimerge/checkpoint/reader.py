@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_map
-from omnimerge.errors import CheckpointError
+from omnimerge.errors import CheckpointError, quoted
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -80,12 +80,6 @@ class TensorMeta:
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 MAX_JSON_BYTES = 100_000_000  # configs and indexes
-
-
-def quoted(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: values from inputs are quoted in messages, never echoed whole."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.reader import DTYPE_CODES, element_size
-from omnimerge.errors import OutputError
+from omnimerge.errors import OutputError, quoted
 
 
 @dataclass
@@ -98,24 +99,40 @@ class _Flusher:
         self.thread.join()
 
 
+MAX_SHARD_BYTES = 10**15
+
+
 def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '2GiB', 1000000 -> bytes."""
+    bad = OutputError(f"shard_size: cannot read {quoted(size, 40)} as a size (e.g. 5GB, 500MB, 2GiB; at most "
+                      f"1PB)")
+    if isinstance(size, bool):
+        raise bad
     if isinstance(size, int):
+        if not 0 < size <= MAX_SHARD_BYTES:
+            raise bad
         return size
     s = str(size).strip().upper().replace(" ", "")
+    if len(s) > 40:
+        raise bad
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    value: float | None = None
     for u, mult in units.items():
         if s.endswith(u):
-            num = s[: -len(u)]
             try:
-                return int(float(num) * mult)
+                value = float(s[: -len(u)]) * mult
             except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise OutputError(f"shard_size: cannot read '{size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
+                raise bad from None
+            break
+    if value is None:
+        try:
+            value = float(s)
+        except ValueError:
+            raise bad from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SHARD_BYTES:
+        raise bad
+    return int(value)
 
 
 def _write_all(fd: int, data: memoryview, offset: int, where: str) -> None:
