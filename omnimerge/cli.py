@@ -224,21 +224,54 @@ def import_engine() -> None:
         gc.freeze()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C (the temporary output folder is removed on the way out)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: list[int] = []  # the termination signal caught, if any (typer reports it only as exit code 130)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise Terminated(signum)
+
+
+def _catch_termination() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _on_signal)
+
+
 def main() -> None:
-    """Entry point: user errors print one line (no traceback) and exit with status 2."""
+    """Entry point: user errors print one line (no traceback) and exit with status 2; SIGINT, SIGTERM and SIGHUP
+    remove what the run had begun to write and exit with 128 + the signal's number."""
     from omnimerge.errors import OmniMergeError
 
+    _catch_termination()
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if rc == 130 and _received:
+            _interrupted(Terminated(_received[0]))
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except OmniMergeError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except (typer.Exit, SystemExit) as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C (and Terminated) into Exit(130)
+            _interrupted(e.__cause__)
         code = getattr(e, "exit_code", None)
         if code is None:
             code = getattr(e, "code", 0)
@@ -251,6 +284,16 @@ def main() -> None:
         if isinstance(e, abort):
             sys.exit(1)
         raise
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    if isinstance(e, Terminated):
+        import signal
+
+        console.print(f"[red]terminated[/] ({signal.Signals(e.signum).name})")
+        sys.exit(128 + e.signum)
+    console.print("[red]interrupted[/]")
+    sys.exit(130)
 
 
 def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:

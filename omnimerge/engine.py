@@ -828,7 +828,7 @@ class MergeRun:
         t0 = time.perf_counter()
         hasher: FileHasher | None = None
         writer: ShardedWriter | None = None
-        with AtomicOutput(self.output, self.overwrite) as output:
+        with AtomicOutput(self.output, self.overwrite, self.notes) as output:
             try:
                 jobs = self._prepare()
                 assert self.base is not None and self.files_src is not None

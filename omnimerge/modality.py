@@ -447,7 +447,7 @@ class _ModalityMerge:
         run = self.run_
         t0 = time.perf_counter()
         base: Checkpoint | None = None
-        with AtomicOutput(self.output, run.overwrite) as output:
+        with AtomicOutput(self.output, run.overwrite, run.notes) as output:
             try:
                 base = self._open_base()
                 run.use_inputs(base, [])
@@ -588,7 +588,7 @@ class _OnlineComposition(_ModalityMerge):
     def run(self) -> ModalityReport:
         run = self.run_
         t0 = time.perf_counter()
-        with AtomicOutput(self.output, run.overwrite) as output:
+        with AtomicOutput(self.output, run.overwrite, run.notes) as output:
             try:
                 base = self._open_base()
                 run.use_inputs(base, [])
