@@ -7,9 +7,22 @@ prints the message (no traceback) and exits with status 2.
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with newlines and other control characters (terminal escapes included) written as escapes:
+    names and values from inputs cannot break a message into several lines or drive the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class OmniMergeError(Exception):
-    """An error caused by the user's inputs; its message is meant to be read by them."""
+    """An error caused by the user's inputs; its message is meant to be read by them (always one line)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(one_line(str(message)), *args)
 
 
 class RecipeError(OmniMergeError):

@@ -344,9 +344,9 @@ class Checkpoint:
                                               f"outside the checkpoint folder (refused)")
                 names = list(dict.fromkeys(wm.values()))
                 files = [d / n for n in names]
-                missing = [str(f.name) for f in files if not (f.exists() or f.is_symlink())]
+                missing = [quoted(n) for n, f in zip(names, files, strict=True) if not (f.exists() or f.is_symlink())]
                 if missing:
-                    raise CheckpointError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+                    raise CheckpointError(f"{index}: lists shard(s) that do not exist: {', '.join(missing[:5])}")
                 for f in files:
                     regular_file(f, d)
                 self._index_map = wm
