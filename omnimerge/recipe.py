@@ -112,10 +112,37 @@ def _loc(err: dict[str, Any]) -> str:
     return ".".join(parts) or "recipe"
 
 
+def _not_utf8(value: Any, where: str) -> str | None:
+    """The key path of the first string in ``value`` that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    for k, v in items:
+        sub = f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else str(k))
+        if isinstance(k, str) and _not_utf8(k, where) is not None:
+            return where or "recipe"
+        found = _not_utf8(v, sub)
+        if found is not None:
+            return found
+    return None
+
+
 def validate_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe mapping; errors name the key (e.g. ``models[1].parameters``) and the problem."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of keys (base_model, models, merge_method, ...)")
+    bad = _not_utf8(data, "")
+    if bad is not None:
+        raise RecipeError(f"{source}: {bad or 'recipe'}: not a valid UTF-8 string (a lone surrogate such as "
+                          f"\\udcff); paths and names are written into the model card as UTF-8")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:

@@ -67,3 +67,18 @@ def test_api_refuses_too(tmp_path: Path, fam: Path) -> None:
     with pytest.raises(OutputError, match="is the base model"):
         omnimerge.merge(toy_recipe(tmp_path, fam), fam / "base", overwrite=True)
     assert (fam / "base" / "model.safetensors").is_file()
+
+
+def test_task_model_output_may_not_be_the_unified_merge_or_its_base(tmp_path: Path) -> None:
+    from omnimerge.checkpoint.writer import check_output_apart
+    from omnimerge.errors import OutputError
+
+    merged, base = tmp_path / "merged", tmp_path / "base"
+    merged.mkdir()
+    base.mkdir()
+    inputs = [("unified merge", merged), ("base model", base)]
+    for bad, rel in ((merged, "is the unified merge"), (merged / "t", "lies inside the unified merge"),
+                     (tmp_path, "contains the unified merge")):
+        with pytest.raises(OutputError, match=rel):
+            check_output_apart(bad, inputs)
+    check_output_apart(tmp_path / "task-vqa", inputs)  # beside them: fine

@@ -76,3 +76,15 @@ def test_400_digit_scaling_in_the_file(tmp_path: Path, cli) -> None:  # type: ig
     p.write_text(p.read_text().replace("scaling: 0.3", "scaling: " + "9" * 400))
     line = one_line_error(cli("merge", p, "-o", tmp_path / "out", "-q"), "scaling")
     assert len(line) < 400
+
+
+def test_non_utf8_path_in_the_recipe(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """A lone surrogate (how a non-UTF-8 file name reaches Python) is refused before the merge, not after it
+    when the model card is written."""
+    fam = toy_family(tmp_path / "models")
+    p = tmp_path / "r.yaml"
+    models = "".join(f'  - model: "{fam / e}"\n' for e in ("expert0", "expert1\\udcff", "expert2"))
+    p.write_text(f'base_model: "{fam / "base"}"\nmodels:\n{models}merge_method: task_arithmetic\n')
+    out = tmp_path / "out"
+    one_line_error(cli("merge", p, "-o", out, "-q"), "models[1].model", "not a valid UTF-8 string")
+    no_leftovers(out)
