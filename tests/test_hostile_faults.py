@@ -89,3 +89,57 @@ def test_245_byte_output_name(tmp_path: Path, cli) -> None:  # type: ignore[no-u
     assert load_file(str(out / "model.safetensors"))
     res = cli("merge", toy_recipe(tmp_path, fam), "-o", out, "-q", "--overwrite")  # the old-folder name too
     assert res.code == 0, res.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_signal_at_random_points_of_a_long_merge(tmp_path: Path, sig: str) -> None:
+    """A merge that takes seconds, signalled at seeded random moments: the output is either complete and
+    byte-identical to an uninterrupted run's, or absent with nothing beside it (after SIGKILL: at most the dead
+    run's folder, which the next run removes)."""
+    import random
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "fam"
+    g = torch.Generator().manual_seed(0)
+    for member in ("base", "e0", "e1", "e2"):
+        (root / member).mkdir(parents=True)
+        save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 1024, generator=g) for i in range(8)},
+                  str(root / member / "model.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base_model: {root / 'base'}\nmodels:\n" + "".join(f"  - model: {root / e}\n" for e in
+                      ("e0", "e1", "e2")) + "merge_method: ties\nparameters: {scaling: 0.5, density: 0.3}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "omnimerge.cli", "merge", str(recipe), "-q", "--hash", "sha256"]
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    subprocess.run([*cmd, "-o", str(ref)], check=True, env=env, timeout=300, capture_output=True)
+    took = time.perf_counter() - t0
+    rnd = random.Random(sig)
+    interrupted = 0
+    for k in range(4):
+        out = tmp_path / f"out{k}"
+        p = subprocess.Popen([*cmd, "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rnd.uniform(0.3, took))
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=120)
+        assert b"Traceback" not in err, err
+        beside = [x for x in tmp_path.iterdir() if x.name.startswith(f".out{k}")]
+        if out.exists():
+            for f in ("model.safetensors",):
+                assert (out / f).read_bytes() == (ref / f).read_bytes()
+            assert not beside
+            continue
+        interrupted += 1
+        if sig == "SIGTERM":
+            assert p.returncode == 128 + signal.SIGTERM and not beside, (p.returncode, beside)
+        else:
+            assert len(beside) <= 1
+            r = subprocess.run([*cmd, "-o", str(out)], env=env, timeout=300, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+            assert not [x for x in tmp_path.iterdir() if x.name.startswith(f".out{k}")]
+    assert interrupted, "no run was interrupted: the merge is too short for this test"
