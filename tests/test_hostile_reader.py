@@ -221,3 +221,13 @@ def test_good_adapter_config(tmp_path: Path) -> None:
     from omnimerge.checkpoint.lora import AdapterFiles
 
     assert len(AdapterFiles(_adapter(tmp_path, rank_pattern={"q_proj": 2})).modules) == 1
+
+
+def test_adapter_fifo_weights_refused(tmp_path: Path) -> None:
+    from omnimerge.checkpoint.lora import AdapterFiles
+
+    d = _adapter(tmp_path)
+    (d / "adapter_model.safetensors").unlink()
+    os.mkfifo(d / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        AdapterFiles(d)

@@ -52,7 +52,13 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_name
-from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, read_json
+from omnimerge.checkpoint.reader import (
+    Checkpoint,
+    TensorMeta,
+    parse_safetensors_header,
+    read_json,
+    regular_file,
+)
 from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError, quoted
 from omnimerge.types import LowRank
 
@@ -149,7 +155,7 @@ class AdapterFiles:
         self.config_file = self.path / ADAPTER_CONFIG
         if not self.config_file.is_file():
             raise CheckpointError(f"{self.path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-        self.config: dict[str, Any] = read_json(self.config_file)
+        self.config: dict[str, Any] = read_json(self.config_file, self.path)
         self._check_config()
         self.file = self._weights_file()
         self.metas: dict[str, TensorMeta] = {}
@@ -223,8 +229,8 @@ class AdapterFiles:
     def _weights_file(self) -> Path:
         for name in ADAPTER_WEIGHTS:
             f = self.path / name
-            if f.is_file():
-                return f
+            if f.exists() or f.is_symlink():
+                return regular_file(f, self.path)  # never a FIFO, nor a link out of the folder
         raise CheckpointError(
             f"{self.path}: PEFT adapter without weights (expected {' or '.join(ADAPTER_WEIGHTS)} beside "
             f"{ADAPTER_CONFIG})"
