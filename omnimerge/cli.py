@@ -63,11 +63,11 @@ def merge(
         workers=workers or None,
         progress=not quiet,
         overrides=overrides,
-        echo=lambda m: console.print(f"[yellow]note:[/] {m}"),
+        echo=lambda m: console.print(f"[yellow]note:[/] {escape(str(m))}", highlight=False),
         hash_inputs=hash_inputs,
         sync=sync,
     )
-    out.print(f"[green]done[/] {report.summary()}")
+    out.print(f"[green]done[/] {escape(report.summary())}", highlight=False)
 
 
 @app.command()
@@ -136,7 +136,7 @@ def inspect(
         size = sum(f.stat().st_size for f in ck.files)
         arch = ", ".join(ck.architectures) or "?"
         out.print(
-            f"[bold]{path}[/]  model_type={ck.model_type or '?'}  architectures={arch}\n"
+            f"[bold]{escape(path)}[/]  model_type={escape(ck.model_type or '?')}  architectures={escape(arch)}\n"
             f"{len(ck.files)} weight file(s), {size / 1e6:.1f} MB, {len(ck.tensors)} tensors"
         )
         stats: dict[str, dict] = {}  # type: ignore[type-arg]
@@ -157,15 +157,15 @@ def inspect(
         for comp in COMPONENTS:
             if comp in stats:
                 s = stats[comp]
-                t.add_row(comp, str(s["n"]), f"{s['params']:,} ({100 * s['params'] / max(total, 1):.1f}%)",
-                          ", ".join(sorted(s["dtypes"])), " ".join(str(x) for x in s["shapes"]))
+                t.add_row(escape(comp), str(s["n"]), f"{s['params']:,} ({100 * s['params'] / max(total, 1):.1f}%)",
+                          escape(", ".join(sorted(s["dtypes"]))), escape(" ".join(str(x) for x in s["shapes"])))
         out.print(t)
         if tensors:
             tt = Table(header_style="bold")
             for col in ("tensor", "component", "dtype", "shape"):
                 tt.add_column(col)
             for name, comp, m in rows:
-                tt.add_row(name, comp, str(m.dtype).replace("torch.", ""), str(list(m.shape)))
+                tt.add_row(escape(name), escape(comp), str(m.dtype).replace("torch.", ""), str(list(m.shape)))
             out.print(tt)
 
 
@@ -181,7 +181,8 @@ def task_model(
     from omnimerge.task_models import write_task_model
 
     done = write_task_model(merged, task, output, base=base, overwrite=overwrite)
-    out.print(f"[green]done[/] task '{done['task']}' (rescaler {done['rescaler']:.4g}) -> {done['output']}")
+    out.print(f"[green]done[/] task {escape(repr(done['task']))} (rescaler {done['rescaler']:.4g}) -> "
+              f"{escape(str(done['output']))}", highlight=False)
 
 
 @app.command()
@@ -223,21 +224,54 @@ def import_engine() -> None:
         gc.freeze()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C (the temporary output folder is removed on the way out)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: list[int] = []  # the termination signal caught, if any (typer reports it only as exit code 130)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise Terminated(signum)
+
+
+def _catch_termination() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _on_signal)
+
+
 def main() -> None:
-    """Entry point: user errors print one line (no traceback) and exit with status 2."""
+    """Entry point: user errors print one line (no traceback) and exit with status 2; SIGINT, SIGTERM and SIGHUP
+    remove what the run had begun to write and exit with 128 + the signal's number."""
     from omnimerge.errors import OmniMergeError
 
+    _catch_termination()
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if rc == 130 and _received:
+            _interrupted(Terminated(_received[0]))
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except OmniMergeError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except (typer.Exit, SystemExit) as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C (and Terminated) into Exit(130)
+            _interrupted(e.__cause__)
         code = getattr(e, "exit_code", None)
         if code is None:
             code = getattr(e, "code", 0)
@@ -250,6 +284,16 @@ def main() -> None:
         if isinstance(e, abort):
             sys.exit(1)
         raise
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    if isinstance(e, Terminated):
+        import signal
+
+        console.print(f"[red]terminated[/] ({signal.Signals(e.signum).name})")
+        sys.exit(128 + e.signum)
+    console.print("[red]interrupted[/]")
+    sys.exit(130)
 
 
 def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:

@@ -47,13 +47,15 @@ from omnimerge.checkpoint.reader import (
     resolve_model_path,
 )
 from omnimerge.checkpoint.sources import ExpertSource, FullSource, open_expert
-from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, parse_size
+from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, check_output_apart, parse_size
 from omnimerge.components import Selector, classify
 from omnimerge.errors import (
+    CheckpointError,
     NonFiniteTensorError,
     OmniMergeError,
     OutputError,
     RecipeError,
+    quoted,
 )
 from omnimerge.executor import Notes, execute
 from omnimerge.kernels import CHUNK as KERNEL_CHUNK
@@ -87,9 +89,20 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    where = f"--device {quoted(str(device), 40)}"
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, ValueError, TypeError):
+        raise RecipeError(f"{where}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"{where}: merges run on cpu, cuda or mps, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{where}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RecipeError(f"{where}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RecipeError(f"{where}: no MPS device is available")
     return dev
 
 
@@ -145,6 +158,8 @@ class MergeRun:
                 raise RecipeError("task_models: give single parameter values (the masks' loader rebuilds every "
                                   "tensor with one scaling)")
             self.strategy = "whole"  # the masks are computed from each tensor's whole task vectors
+        if self.output is not None:
+            check_output_apart(self.output, self._input_folders())
         if self.output is not None and self.output.exists() and not self.overwrite:
             raise OutputError(f"{self.output}: already exists (use --overwrite to replace it)")
         self.base: Checkpoint | None = None
@@ -155,6 +170,21 @@ class MergeRun:
         #: with options.keep_inputs: per merged tensor, its inputs kept in memory (see _merge_job_kept); None
         #: until decided, False when they do not fit
         self._kept: dict[str, tuple[torch.Tensor | None, list[torch.Tensor], list[Any] | None]] | None | bool = None
+
+    def _input_folders(self) -> list[tuple[str, Path]]:
+        """The recipe's input folders (base, experts and adapters, copy_files_from), for the output guard; a
+        reference that does not resolve is left to :meth:`open` to report."""
+        r = self.recipe
+        refs = [("base model", r.base_model)] + [(f"model '{m.model}'", m.model) for m in r.models]
+        if r.copy_files_from:
+            refs.append(("copy_files_from model", r.copy_files_from))
+        out: list[tuple[str, Path]] = []
+        for what, ref in refs:
+            try:
+                out.append((what, resolve_model_path(ref, r.base_path)))
+            except CheckpointError:
+                continue
+        return out
 
     def set_parameters(self, parameters: dict[str, Any] | None = None,
                        model_parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -798,7 +828,7 @@ class MergeRun:
         t0 = time.perf_counter()
         hasher: FileHasher | None = None
         writer: ShardedWriter | None = None
-        with AtomicOutput(self.output, self.overwrite) as output:
+        with AtomicOutput(self.output, self.overwrite, self.notes) as output:
             try:
                 jobs = self._prepare()
                 assert self.base is not None and self.files_src is not None

@@ -169,8 +169,8 @@ def run_demo(out_dir: Path, method: str = "ties", echo: Callable[..., None] = pr
     report = merge(recipe, merged_dir, overwrite=True)
     echo(report.summary())
     cls = model_class("qwen2_vl")
-    merged = cls.from_pretrained(merged_dir)
-    base = cls.from_pretrained(base_dir)
+    merged = cls.from_pretrained(merged_dir, trust_remote_code=False)
+    base = cls.from_pretrained(base_dir, trust_remote_code=False)
     with torch.no_grad():
         logits = merged(**dummy_inputs("qwen2_vl")).logits
     base_sd, merged_sd = base.state_dict(), merged.state_dict()

@@ -447,7 +447,7 @@ class _ModalityMerge:
         run = self.run_
         t0 = time.perf_counter()
         base: Checkpoint | None = None
-        with AtomicOutput(self.output, run.overwrite) as output:
+        with AtomicOutput(self.output, run.overwrite, run.notes) as output:
             try:
                 base = self._open_base()
                 run.use_inputs(base, [])
@@ -588,7 +588,7 @@ class _OnlineComposition(_ModalityMerge):
     def run(self) -> ModalityReport:
         run = self.run_
         t0 = time.perf_counter()
-        with AtomicOutput(self.output, run.overwrite) as output:
+        with AtomicOutput(self.output, run.overwrite, run.notes) as output:
             try:
                 base = self._open_base()
                 run.use_inputs(base, [])
@@ -693,7 +693,7 @@ def load_online(path: str | Path, label: str, model_class: Any = None) -> Any:
     if model_class is None:
         arch = manifest["outputs"][label]["architectures"][0]
         model_class = getattr(transformers, arch)
-    model = model_class.from_pretrained(model_dir)
+    model = model_class.from_pretrained(model_dir, trust_remote_code=False)
     names = manifest["activate"]
     peft_model = PeftModel.from_pretrained(model, root / manifest["adapters"][names[0]]["path"], adapter_name=names[0])
     for n in names[1:]:

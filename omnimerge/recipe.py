@@ -28,7 +28,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from omnimerge.errors import RecipeError
+from omnimerge.errors import RecipeError, quoted
+
+MAX_RECIPE_BYTES = 10_000_000
+#: a recipe's YAML may not expand (aliases counted each time they are used) to more nodes than this
+MAX_YAML_NODES = 100_000
 
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -108,10 +112,37 @@ def _loc(err: dict[str, Any]) -> str:
     return ".".join(parts) or "recipe"
 
 
+def _not_utf8(value: Any, where: str) -> str | None:
+    """The key path of the first string in ``value`` that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    for k, v in items:
+        sub = f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else str(k))
+        if isinstance(k, str) and _not_utf8(k, where) is not None:
+            return where or "recipe"
+        found = _not_utf8(v, sub)
+        if found is not None:
+            return found
+    return None
+
+
 def validate_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe mapping; errors name the key (e.g. ``models[1].parameters``) and the problem."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of keys (base_model, models, merge_method, ...)")
+    bad = _not_utf8(data, "")
+    if bad is not None:
+        raise RecipeError(f"{source}: {bad or 'recipe'}: not a valid UTF-8 string (a lone surrogate such as "
+                          f"\\udcff); paths and names are written into the model card as UTF-8")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
@@ -123,24 +154,68 @@ def validate_recipe(data: Any, source: str = "recipe", base_dir: Path | None = N
             elif err["type"] == "missing":
                 msgs.append(f"{loc}: required key is missing")
             else:
-                msgs.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+                msgs.append(f"{loc}: {err['msg']} (got {quoted(err.get('input'))})")
         raise RecipeError(f"{source}: " + "; ".join(msgs)) from None
     if base_dir is not None:
         r.base_dir = str(base_dir)
     return r
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int], where: str) -> int:
+    """Nodes ``node`` expands to, an alias counted each time it is used (memoised: linear in the document)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:
+            raise RecipeError(f"{where}: a YAML anchor refers to itself (a recursive structure)")
+        return memo[key]
+    memo[key] = -1
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded_size(c, memo, where) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n += sum(_expanded_size(k, memo, where) + _expanded_size(v, memo, where) for k, v in node.value)
+    if n > MAX_YAML_NODES:
+        raise RecipeError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (an alias bomb?); "
+                          f"refused")
+    memo[key] = n
+    return n
+
+
+def load_yaml(text: str, where: str = "recipe") -> Any:
+    """``yaml.safe_load`` that refuses, before building anything, a document whose aliases expand to more than
+    :data:`MAX_YAML_NODES` values (a "billion laughs" bomb) or that nests too deeply."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(e).split())[:300]})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: the YAML nests too deeply") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+        raise RecipeError(f"{where}: a value cannot be read ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set key.path=value`` overrides, validate."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise RecipeError(f"{p}: cannot read the recipe ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: larger than {MAX_RECIPE_BYTES // 1_000_000} MB; not a recipe")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML ({e})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not UTF-8 text") from None
+    data = load_yaml(text, str(p))
     data = apply_overrides(data, overrides or [], str(p))
     return validate_recipe(data, str(p), p.resolve().parent)
 
@@ -153,8 +228,8 @@ def apply_overrides(data: Any, overrides: list[str], source: str = "recipe") -> 
         if not sep or not key:
             raise RecipeError(f"--set {ov!r}: expected KEY=VALUE, e.g. parameters.scaling=0.5")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"--set {quoted(ov)}") if raw != "" else ""
+        except RecipeError:
             value = raw
         node = data
         parts = key.split(".")

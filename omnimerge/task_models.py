@@ -39,7 +39,7 @@ import torch
 
 from omnimerge.checkpoint.files import copy_auxiliary
 from omnimerge.checkpoint.reader import Checkpoint
-from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter
+from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, check_output_apart
 from omnimerge.errors import OmniMergeError, RecipeError
 from omnimerge.methods.base import TaskMasks
 
@@ -183,6 +183,7 @@ def write_task_model(path: str | Path, task: str | int, output: str | Path, *, b
     unified folder's config and tokenizer files); returns what was written."""
     path, output = Path(path), Path(output)
     index = read_index(path)
+    check_output_apart(output, [("unified merge", path), ("base model", Path(base or index["base_model"]))])
     t = _task_index(index, task, path)
     with Checkpoint(path) as uni:
         plan = [(n, m.dtype, m.shape) for n, m in uni.tensors.items()]

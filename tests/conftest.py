@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # the fuzzing tests' profiles: a short one for CI (default), HYPOTHESIS_PROFILE=long for a deep run
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, database=None, derandomize=False, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=50, **_common)
+    settings.register_profile("long", max_examples=2000, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a dev dependency; only the fuzzing tests need it
+    pass
 GOLDEN = REPO.parent / "shared" / "golden"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from omnimerge.errors import OmniMergeError
 
@@ -81,7 +82,7 @@ def bench(
         from omnimerge.bench.seeds import run_mini_seeds
 
         run_mini_seeds(out, seed_list, console, **kw)
-    console.print(f"results written to {out}/ (results.json, results.md, *.png"
+    console.print(f"results written to {escape(str(out))}/ (results.json, results.md, *.png"
                   + (", results.csv)" if len(seed_list) == 1 else "; each seed's run in seed-<s>/)"))
 
 
@@ -147,7 +148,7 @@ def zoo_build(
     if not zoo.built:  # a fresh build has printed it already
         print_calibration(info, console)
     t = info.get("timings", {})
-    console.print(f"zoo at {zoo.root}; build times: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    console.print(f"zoo at {escape(str(zoo.root))}; build times: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
 
 
 @zoo_app.command("info")
@@ -162,7 +163,7 @@ def zoo_info(quick: bool = typer.Option(False, "--quick", help="the CI-size zoo"
     if not zoo.exists():
         raise BenchError(f"no zoo built at {zoo.root} (run `omnimerge zoo build{' --quick' if quick else ''}`)")
     print_calibration(zoo.info(), console)
-    console.print(f"zoo at {zoo.root}")
+    console.print(f"zoo at {escape(str(zoo.root))}")
 
 
 def register(app: typer.Typer) -> None:

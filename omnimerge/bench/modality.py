@@ -350,7 +350,7 @@ def load(kind: str, path: str | Path) -> Any:
 
     _quiet_transformers()
 
-    return getattr(T, MODEL_CLASS[kind]).from_pretrained(path).eval()
+    return getattr(T, MODEL_CLASS[kind]).from_pretrained(path, trust_remote_code=False).eval()
 
 
 def llm_of(model: Any) -> tuple[Any, Any]:

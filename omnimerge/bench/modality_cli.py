@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 
 def bench_modality(out: Path, methods: list[str] | None = None, quick: bool = False, rebuild: bool = False,
@@ -31,11 +32,11 @@ def bench_modality(out: Path, methods: list[str] | None = None, quick: bool = Fa
 
         agg = run_modality_seeds(out, seeds, console.print, methods=methods, quick=quick, rebuild=rebuild)
         console.print(Markdown(modality_markdown(agg)))
-        console.print(f"results in {out} (each seed's run in seed-<s>/; {sum(agg['seconds']):.0f} s)")
+        console.print(f"results in {escape(str(out))} (each seed's run in seed-<s>/; {sum(agg['seconds']):.0f} s)")
         return
     res = run_modality_bench(out, methods=methods, quick=quick, rebuild=rebuild, log=console.print, seed=seeds[0])
     console.print(Markdown(markdown(res)))
-    console.print(f"results in {out} ({res['seconds']:.0f} s)")
+    console.print(f"results in {escape(str(out))} ({res['seconds']:.0f} s)")
 
 
 def main(

@@ -191,9 +191,9 @@ def load_model(path: str | Path) -> Any:
         from peft import PeftModel
 
         base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = LlavaForConditionalGeneration.from_pretrained(base_path)
+        base = LlavaForConditionalGeneration.from_pretrained(base_path, trust_remote_code=False)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    return LlavaForConditionalGeneration.from_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from omnimerge.checkpoint.reader import WEIGHT_FILE
+from omnimerge.checkpoint.reader import WEIGHT_FILE, regular_file
 from omnimerge.errors import OutputError, RecipeError
 
 #: digest algorithms for the model card: the name used in ``algorithm:hex``
@@ -67,11 +67,9 @@ def auxiliary_files(folder: Path) -> list[Path]:
     """Files to carry over from a checkpoint folder: everything but weights, the model card and hidden files."""
     out = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name in _SKIP or not p.is_file():
+        if p.name.startswith(".") or p.name in _SKIP or p.is_dir() or WEIGHT_FILE.match(p.name):
             continue
-        if WEIGHT_FILE.match(p.name):
-            continue
-        out.append(p)
+        out.append(regular_file(p, folder))  # never a FIFO, nor a link to content outside the folder
     return out
 
 

@@ -52,8 +52,14 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_name
-from omnimerge.checkpoint.reader import Checkpoint, TensorMeta, parse_safetensors_header, read_json
-from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError
+from omnimerge.checkpoint.reader import (
+    Checkpoint,
+    TensorMeta,
+    parse_safetensors_header,
+    read_json,
+    regular_file,
+)
+from omnimerge.errors import CheckpointError, OutputError, RecipeError, TensorMismatchError, quoted
 from omnimerge.types import LowRank
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,6 +119,16 @@ class FullTensor:
     origin: str
 
 
+def _positive(where: str, key: str, v: Any, integer: bool) -> None:
+    """A rank (a positive integer) or an alpha (a positive finite number), else one line naming the key."""
+    ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+    if ok and integer:
+        ok = float(v).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise CheckpointError(f"{where}: '{key}' must be {kind}, got {quoted(v, 60)}")
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """peft's ``get_pattern_key`` rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
     for key in patterns:
@@ -139,7 +155,7 @@ class AdapterFiles:
         self.config_file = self.path / ADAPTER_CONFIG
         if not self.config_file.is_file():
             raise CheckpointError(f"{self.path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-        self.config: dict[str, Any] = read_json(self.config_file)
+        self.config: dict[str, Any] = read_json(self.config_file, self.path)
         self._check_config()
         self.file = self._weights_file()
         self.metas: dict[str, TensorMeta] = {}
@@ -183,13 +199,13 @@ class AdapterFiles:
                 f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which gives a plain LoRA"
             )
         for key in ("r", "lora_alpha"):
-            v = c.get(key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise CheckpointError(f"{where}: '{key}' must be a positive number, got {v!r}")
+            _positive(where, key, c.get(key), integer=key == "r")
         for key in ("rank_pattern", "alpha_pattern"):
             v = c.get(key) or {}
             if not isinstance(v, dict):
                 raise CheckpointError(f"{where}: '{key}' must be a mapping, got {type(v).__name__}")
+            for k, x in v.items():
+                _positive(where, f"{key}[{quoted(k, 40)}]", x, integer=key == "rank_pattern")
         if c.get("bias") not in (None, "none", "all", "lora_only"):
             raise CheckpointError(f"{where}: unknown 'bias' value {c.get('bias')!r}")
 
@@ -213,8 +229,8 @@ class AdapterFiles:
     def _weights_file(self) -> Path:
         for name in ADAPTER_WEIGHTS:
             f = self.path / name
-            if f.is_file():
-                return f
+            if f.exists() or f.is_symlink():
+                return regular_file(f, self.path)  # never a FIFO, nor a link out of the folder
         raise CheckpointError(
             f"{self.path}: PEFT adapter without weights (expected {' or '.join(ADAPTER_WEIGHTS)} beside "
             f"{ADAPTER_CONFIG})"
@@ -555,6 +571,7 @@ def open_adapter(path: Path, ref: str, base: Checkpoint, label: str) -> AdapterS
 def describe_adapter(folder: Path) -> Any:
     """A rich renderable summarising an adapter folder (``omnimerge inspect``)."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -563,11 +580,12 @@ def describe_adapter(folder: Path) -> Any:
         c = f.config
         flags = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if c.get(k)]
         head = Text.from_markup(
-            f"[bold]{folder}[/]  PEFT LoRA adapter  r={c.get('r')} lora_alpha={c.get('lora_alpha')}"
+            f"[bold]{escape(str(folder))}[/]  PEFT LoRA adapter  r={escape(quoted(c.get('r'), 40))} "
+            f"lora_alpha={escape(quoted(c.get('lora_alpha'), 40))}"
             f"{'  ' + ' '.join(flags) if flags else ''}\n"
-            f"base_model_name_or_path={f.base_model_name or '?'}  task_type={c.get('task_type') or '-'}  "
-            f"bias={c.get('bias', 'none')}\n"
-            f"{f.file.name}: {f.file.stat().st_size / 1e6:.2f} MB, {len(f.metas)} tensors, "
+            f"base_model_name_or_path={escape(str(f.base_model_name or '?'))}  "
+            f"task_type={escape(str(c.get('task_type') or '-'))}  bias={escape(str(c.get('bias', 'none')))}\n"
+            f"{escape(f.file.name)}: {f.file.stat().st_size / 1e6:.2f} MB, {len(f.metas)} tensors, "
             f"{len(f.modules)} LoRA modules, {len(f.full)} full tensors",
         )
         groups: dict[str, list[LoraModule]] = {}
@@ -581,10 +599,10 @@ def describe_adapter(folder: Path) -> Any:
             alphas = sorted({m.alpha for m in ms})
             scales = sorted({round(m.scale, 6) for m in ms})
             t.add_row(
-                kind + (" (DoRA)" if any(m.magnitude for m in ms) else "")
+                escape(kind) + (" (DoRA)" if any(m.magnitude for m in ms) else "")
                 + (" (embedding)" if ms[0].kind == "embedding" else ""),
                 str(len(ms)), ",".join(map(str, ranks)), ",".join(f"{a:g}" for a in alphas),
-                ",".join(f"{s:g}" for s in scales), ms[0].name,
+                ",".join(f"{s:g}" for s in scales), escape(ms[0].name),
             )
         parts: list[Any] = [head, t]
         if f.full:
@@ -592,7 +610,7 @@ def describe_adapter(folder: Path) -> Any:
             for col in ("full tensor", "origin", "shape"):
                 ft.add_column(col)
             for x in f.full.values():
-                ft.add_row(x.name, x.origin, str(list(f.metas[x.key].shape)))
+                ft.add_row(escape(x.name), escape(x.origin), str(list(f.metas[x.key].shape)))
             parts.append(ft)
         return Group(*parts)
     finally:
@@ -619,7 +637,10 @@ def _in_memory_layout(base: Checkpoint) -> dict[str, _Param] | None:
     try:
         import transformers
 
-        cfg = transformers.AutoConfig.from_pretrained(str(base.path))
+        if "auto_map" in base.config and base.model_type not in transformers.CONFIG_MAPPING:
+            return None  # only the checkpoint's own code could build it: never run code from an input
+        # trust_remote_code=False: transformers neither prompts nor imports the checkpoint's Python files
+        cfg = transformers.AutoConfig.from_pretrained(str(base.path), trust_remote_code=False)
         archs = getattr(cfg, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:

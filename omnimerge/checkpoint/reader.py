@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.names import canonical_map
-from omnimerge.errors import CheckpointError
+from omnimerge.errors import CheckpointError, quoted
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -77,8 +78,44 @@ class TensorMeta:
         return self.numel * element_size(self.dtype)
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+MAX_JSON_BYTES = 100_000_000  # configs and indexes
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return True
+
+
+def _uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
-    """Read and validate a safetensors header; return tensor metadata (absolute offsets) and __metadata__."""
+    """Read and validate a safetensors header; return tensor metadata (absolute offsets) and __metadata__.
+
+    As strict as the safetensors library: a header of at most 100 MB that is one UTF-8 JSON object without
+    duplicate keys, each tensor a known dtype, a shape of non-negative integers and integer data offsets whose
+    span is exactly the shape's byte size; the tensors tile the data area from its start to the end of the
+    file, without gaps or overlaps; ``__metadata__`` maps strings to strings."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -86,50 +123,97 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n <= 0 or n > 100_000_000 or 8 + n > size:
+            if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header of {n} bytes in a {size}-byte file)"
+                    f"{path}: corrupt or truncated safetensors file (header of {n} bytes in a {size}-byte file; "
+                    f"at most {MAX_HEADER_BYTES})"
                 )
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its header does not start with '{{')")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors file (its header is not valid JSON)") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: key {quoted(e.key)} appears twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its header is not valid UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: '__metadata__' must map strings to strings")
     data_start = 8 + n
     out: dict[str, TensorMeta] = {}
     spans = []
     for name, info in header.items():
-        try:
-            code = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        if code not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code}")
+        where = f"{path}: tensor {quoted(name)}"
+        if not _utf8(name):
+            raise CheckpointError(f"{where}: the name is not a valid UTF-8 string")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{where}: corrupt header entry (expected an object with dtype, shape and "
+                                  f"data_offsets, found {quoted(info, 60)})")
+        code, shape_v, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {quoted(code, 40)}")
+        if not isinstance(shape_v, list) or not all(_uint(s) for s in shape_v):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, found "
+                                  f"{quoted(shape_v, 60)}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_uint(x) for x in offs):
+            raise CheckpointError(f"{where}: data_offsets must be two non-negative integers, found "
+                                  f"{quoted(offs, 60)}")
+        b, e = offs
+        shape = tuple(shape_v)
         tm = TensorMeta(name, SAFETENSORS_DTYPES[code], shape, path, data_start + b, data_start + e)
         if e < b or tm.nbytes != e - b:
             raise CheckpointError(
-                f"{path}: tensor '{name}' declares shape {list(shape)} {code} ({tm.nbytes} bytes) but spans "
-                f"{e - b} bytes"
+                f"{where}: declares shape {quoted(list(shape), 60)} {code} ({tm.nbytes} bytes) but its "
+                f"data_offsets span {e - b} bytes"
             )
         if data_start + e > size:
             raise CheckpointError(
-                f"{path}: truncated safetensors file: tensor '{name}' ends at byte {data_start + e} but the file "
-                f"has {size} bytes"
+                f"{path}: truncated safetensors file: tensor {quoted(name)} ends at byte {data_start + e} but the "
+                f"file has {size} bytes"
             )
         spans.append((b, e, name))
         out[name] = tm
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: corrupt safetensors file: tensors '{n0}' and '{n1}' overlap")
-    return out, {str(k): str(v) for k, v in meta.items()}
+    at, prev = 0, ""
+    for b, e, name in spans:
+        if b < at:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: tensors {quoted(prev)} and {quoted(name)} overlap"
+            )
+        if b > at:
+            raise CheckpointError(f"{path}: corrupt safetensors file: a gap of {b - at} bytes before tensor "
+                                  f"{quoted(name)} (the safetensors library refuses it)")
+        at, prev = e, name
+    if data_start + at != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {size - data_start - at} bytes after the last "
+                              f"tensor's data (the safetensors library refuses it)")
+    return out, dict(meta)
+
+
+def regular_file(path: Path, folder: Path) -> Path:
+    """``path`` if it is a regular file inside the checkpoint ``folder`` (after symlinks); a symlink may lead out
+    only into the Hugging Face cache's ``blobs/`` of the same repository (``snapshots/<rev>/x ->
+    ../../blobs/<hash>``). FIFOs, devices and links to outside content are refused."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or folder is never read)")
+    real = Path(os.path.realpath(path))
+    home = Path(os.path.realpath(folder))
+    if real.is_relative_to(home):
+        return path
+    if home.parent.name == "snapshots" and real.is_relative_to(home.parent.parent / "blobs"):
+        return path
+    raise CheckpointError(f"{path}: a symlink to {real}, outside the checkpoint folder {folder} (refused)")
 
 
 class _MappedFile:
@@ -172,14 +256,25 @@ def resolve_model_path(ref: str, base_dir: Path | None = None) -> Path:
     raise CheckpointError(f"model '{ref}': no such folder{where}")
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, folder: Path | None = None) -> dict[str, Any]:
+    """A JSON object from ``path`` (a regular file, inside ``folder`` when given), UTF-8, at most 100 MB."""
+    if folder is not None:
+        regular_file(path, folder)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES // 1_000_000} MB (refused)")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply, or a number too long)") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return obj
@@ -200,7 +295,7 @@ class Checkpoint:
         self.path = Path(path)
         self.ref = ref or str(path)
         cfg = self.path / "config.json"
-        self.config: dict[str, Any] = read_json(cfg) if cfg.is_file() else {}
+        self.config: dict[str, Any] = read_json(cfg, self.path) if cfg.exists() else {}
         self.tensors: dict[str, TensorMeta] = {}
         self.metadata: dict[str, str] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
@@ -222,6 +317,11 @@ class Checkpoint:
                     self.tensors[name] = TensorMeta(name, t.dtype, tuple(t.shape), f)
         if not self.tensors:
             raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
+        for tensor, shard in (getattr(self, "_index_map", None) or {}).items():
+            m = self.tensors.get(tensor)
+            if m is None or m.file != self.path / shard:
+                raise CheckpointError(f"{self.path}: the index lists tensor {quoted(tensor)} in {quoted(shard)}, "
+                                      f"but {'that shard does not hold it' if m is None else 'it is in ' + m.file.name}")
         self.canonical = canonical_map(list(self.tensors), str(self.path))
         self._canonical_of = {v: k for k, v in self.canonical.items()}
 
@@ -230,26 +330,36 @@ class Checkpoint:
         d = self.path
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = d / index_name
-            if index.is_file():
-                wm = read_json(index).get("weight_map")
+            if index.exists() or index.is_symlink():
+                wm = read_json(index, d).get("weight_map")
                 if not isinstance(wm, dict) or not wm:
                     raise CheckpointError(f"{index}: no 'weight_map' in the index")
+                for tensor, shard in wm.items():
+                    if not isinstance(shard, str) or not _utf8(tensor) or not _utf8(shard):
+                        raise CheckpointError(f"{index}: weight_map[{quoted(tensor)}] must be a file name, found "
+                                              f"{quoted(shard)}")
+                    parts = Path(shard).parts
+                    if not shard or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+                        raise CheckpointError(f"{index}: weight_map[{quoted(tensor)}] = {quoted(shard)} points "
+                                              f"outside the checkpoint folder (refused)")
                 names = list(dict.fromkeys(wm.values()))
                 files = [d / n for n in names]
-                missing = [str(f.name) for f in files if not f.is_file()]
+                missing = [quoted(n) for n, f in zip(names, files, strict=True) if not (f.exists() or f.is_symlink())]
                 if missing:
-                    raise CheckpointError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+                    raise CheckpointError(f"{index}: lists shard(s) that do not exist: {', '.join(missing[:5])}")
+                for f in files:
+                    regular_file(f, d)
                 self._index_map = wm
                 return files
         single = d / "model.safetensors"
-        if single.is_file():
-            return [single]
+        if single.exists() or single.is_symlink():
+            return [regular_file(single, d)]
         st = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("adapter_"))
         if st:
-            return st
+            return [regular_file(p, d) for p in st]
         binf = d / "pytorch_model.bin"
-        if binf.is_file():
-            return [binf]
+        if binf.exists() or binf.is_symlink():
+            return [regular_file(binf, d)]
         if (d / "adapter_config.json").is_file():
             raise CheckpointError(f"{d}: is a PEFT adapter, not a full checkpoint")
         raise CheckpointError(
@@ -265,9 +375,14 @@ class Checkpoint:
                 except RuntimeError:
                     sd = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - pickle / zip errors of many kinds
-                raise CheckpointError(f"{f}: cannot load as a PyTorch weights file (weights_only): {e}") from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{f}: cannot load as a PyTorch weights file (weights_only): "
+                                      f"{first[:200]}") from None
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
                 raise CheckpointError(f"{f}: expected a state dict of tensors")
+            bad = next((k for k in sd if not isinstance(k, str) or not _utf8(k)), None)
+            if bad is not None:
+                raise CheckpointError(f"{f}: tensor names must be strings, found the key {quoted(bad)}")
             self._bin[f] = sd
         return self._bin[f]
 

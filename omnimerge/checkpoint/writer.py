@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.reader import DTYPE_CODES, element_size
-from omnimerge.errors import OutputError
+from omnimerge.errors import OutputError, quoted
 
 
 @dataclass
@@ -98,24 +99,40 @@ class _Flusher:
         self.thread.join()
 
 
+MAX_SHARD_BYTES = 10**15
+
+
 def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '2GiB', 1000000 -> bytes."""
+    bad = OutputError(f"shard_size: cannot read {quoted(size, 40)} as a size (e.g. 5GB, 500MB, 2GiB; at most "
+                      f"1PB)")
+    if isinstance(size, bool):
+        raise bad
     if isinstance(size, int):
+        if not 0 < size <= MAX_SHARD_BYTES:
+            raise bad
         return size
     s = str(size).strip().upper().replace(" ", "")
+    if len(s) > 40:
+        raise bad
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    value: float | None = None
     for u, mult in units.items():
         if s.endswith(u):
-            num = s[: -len(u)]
             try:
-                return int(float(num) * mult)
+                value = float(s[: -len(u)]) * mult
             except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise OutputError(f"shard_size: cannot read '{size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
+                raise bad from None
+            break
+    if value is None:
+        try:
+            value = float(s)
+        except ValueError:
+            raise bad from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SHARD_BYTES:
+        raise bad
+    return int(value)
 
 
 def _write_all(fd: int, data: memoryview, offset: int, where: str) -> None:
@@ -393,14 +410,105 @@ class ShardedWriter:
                 s.fd = -1
 
 
-def make_temp_dir(target: Path) -> Path:
-    """A fresh temporary folder beside ``target`` (same file system, so the final rename is atomic)."""
+def check_output_apart(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output that is, contains, or lies inside an input folder (compared as resolved real paths, so
+    symlinks and ``..`` do not hide it): replacing or writing into it would destroy the input, with
+    ``--overwrite`` or not. ``inputs``: (what it is, e.g. "base model", its folder)."""
+    out = Path(os.path.realpath(target))
+    for what, folder in inputs:
+        real = Path(os.path.realpath(folder))
+        if out == real:
+            rel = "is"
+        elif real.is_relative_to(out):
+            rel = "contains"
+        elif out.is_relative_to(real):
+            rel = "lies inside"
+        else:
+            continue
+        raise OutputError(f"{target}: the output {rel} the {what} {folder} (inputs are never replaced or written "
+                          f"into: choose another output folder)")
+
+
+TMP_MARK = ".omnimerge-tmp-"
+#: inside a temporary output folder: the PID of the run that owns it (removed before the folder is committed)
+OWNER_FILE = ".omnimerge-owner"
+_NAME_MAX = 255
+
+
+def _short(name: str, room: int) -> str:
+    """``name`` cut to at most ``room`` bytes of UTF-8 (on a character boundary)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    return raw[:room].decode("utf-8", "ignore")
+
+
+def temp_prefix(target: Path) -> str:
+    """The name prefix of ``target``'s temporary folders: ``.<name>.omnimerge-tmp-`` with the name cut so that
+    prefix + mkdtemp's 8 random characters fit any file system's 255-byte name limit."""
+    return f".{_short(target.name, _NAME_MAX - 1 - len(TMP_MARK) - 8)}{TMP_MARK}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temp_dirs(target: Path, echo: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the temporary folders beside ``target`` left by dead runs (their owner PID is gone), saying so; a
+    folder whose owner still runs, or that has no owner file, is left alone."""
+    parent, prefix = target.parent, temp_prefix(target)
+    removed: list[Path] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            text = (p / OWNER_FILE).read_text(encoding="ascii").split()
+            host, pid = text[0], int(text[1])
+        except (OSError, ValueError, IndexError, UnicodeDecodeError):
+            continue
+        if host != _host() or _pid_alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+            if echo:
+                echo(f"removed {p}: the temporary folder of an earlier run (pid {pid}) that did not finish")
+    return removed
+
+
+def _host() -> str:
+    return os.uname().nodename.replace(" ", "_") or "-"
+
+
+def make_temp_dir(target: Path, created: list[Path] | None = None) -> Path:
+    """A fresh temporary folder beside ``target`` (same file system, so the final rename is atomic), holding its
+    owner's PID in :data:`OWNER_FILE`. Parent folders it had to make are appended to ``created``."""
     import tempfile
 
     parent = target.parent
     try:
+        missing = []
+        p = parent
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.omnimerge-tmp-", dir=parent))
+        if created is not None:
+            created.extend(missing)  # innermost first
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=parent))
+        (tmp / OWNER_FILE).write_text(f"{_host()} {os.getpid()}\n", encoding="ascii")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should look like any folder
@@ -411,10 +519,11 @@ def make_temp_dir(target: Path) -> Path:
 
 def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished temporary folder to ``target``; an existing target is replaced only if allowed."""
+    (tmp / OWNER_FILE).unlink(missing_ok=True)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
-        old = target.with_name(f".{target.name}.omnimerge-old-{os.getpid()}")
+        old = target.with_name(f".{_short(target.name, _NAME_MAX - 40)}.omnimerge-old-{os.getpid()}")
         os.replace(target, old)
         try:
             os.replace(tmp, target)
@@ -446,26 +555,36 @@ class AtomicOutput:
     Close what writes into the folder (inside the block, e.g. in a ``finally``) before it is removed.
     """
 
-    def __init__(self, target: Path, overwrite: bool) -> None:
+    def __init__(self, target: Path, overwrite: bool, echo: Callable[[str], None] | None = None) -> None:
         self.target = target
         self.overwrite = overwrite
+        self.echo = echo
         self._tmp: Path | None = None
+        self._created: list[Path] = []  # parent folders made for the output, innermost first
 
     def __enter__(self) -> AtomicOutput:
         return self
 
     def folder(self) -> Path:
         if self._tmp is None:
-            self._tmp = make_temp_dir(self.target)
+            remove_stale_temp_dirs(self.target, self.echo)
+            self._tmp = make_temp_dir(self.target, self._created)
         return self._tmp
 
     def commit(self) -> None:
         commit_dir(self.folder(), self.target, self.overwrite)
         self._tmp = None
+        self._created.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._tmp is not None:
             discard_dir(self._tmp)
             self._tmp = None
+        for d in self._created:  # folders made for a failed output go too (only if empty: never others' files)
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._created.clear()
         if isinstance(exc, OSError):
             raise run_error(exc, self.target) from None

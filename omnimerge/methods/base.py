@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from omnimerge.errors import MethodParameterError
+from omnimerge.errors import MethodParameterError, quoted
 from omnimerge.types import LowRank
 
 __all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TaskMasks", "TensorContext",
@@ -150,6 +150,8 @@ class Param:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
                 v = int(value)
+                if not -(2**63) <= v < 2**63:
+                    raise ValueError
             elif self.kind is float:
                 if isinstance(value, bool):
                     raise ValueError
@@ -158,9 +160,9 @@ class Param:
                     raise ValueError
             else:
                 v = str(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise MethodParameterError(
-                f"{where}: '{self.name}' must be {self.describe_range()}, got {value!r}"
+                f"{where}: '{self.name}' must be {self.describe_range()}, got {quoted(value, 60)}"
             ) from None
         if self.choices is not None and v not in self.choices:
             raise MethodParameterError(f"{where}: '{self.name}' must be {self.describe_range()}, got {v!r}")
