@@ -111,6 +111,9 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         params = {**top, **(m.get("parameters") or {})}
         entry: dict[str, Any] = {"model": str(m["model"])}
         if m["model"] == base:
+            if method == "linear" and params.get("weight"):
+                raise RecipeError(f"{source}: models[{i}]: mergekit's linear averages the base model in with "
+                                  f"its weight; omnimerge's linear averages the experts only")
             continue  # mergekit lists the base among models; omnimerge has it as base_model only
         mparams: dict[str, Any] = {}
         for k, v in params.items():
@@ -143,9 +146,15 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     if normalize is not None:
         if method in ("linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
             params_out["normalize"] = bool(normalize)
+        elif method in ("ties", "dare_ties") and not normalize:
+            diffs.append(f"parameters.normalize: false: omnimerge's {method} always divides by the sum of the "
+                         f"agreeing weights (mergekit's normalize: true)")
+        elif method in ("ties", "dare_ties"):
+            diffs.append(f"{method}: entries whose elected sign is 0 and the trimming threshold's ties are "
+                         f"handled as in the TIES paper, not as in mergekit (small differences in a few entries)")
         elif normalize:
-            diffs.append(f"parameters.normalize: mergekit's {method} divides by the sum of the agreeing weights; "
-                         f"omnimerge's {METHODS[method]} does not (set weights that sum to 1 to match)")
+            diffs.append(f"parameters.normalize: true: omnimerge's {METHODS[method]} does not normalize "
+                         f"(set weights that sum to 1 to match)")
     if shared.get("int8_mask"):
         diffs.append("parameters.int8_mask: mergekit stores masks as int8 to save memory; omnimerge's masks "
                      "are its own (no effect on the result)")

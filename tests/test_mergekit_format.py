@@ -41,7 +41,9 @@ def test_ties_translation_keeps_mergekit_meaning() -> None:
     assert r["parameters"] == {"density": 0.5, "scaling": 0.7}
     assert r["select"] == {"include": [".*"]}  # mergekit merges every tensor
     assert r["copy_files_from"] == "a" and r["dtype"] == "float16"
-    assert any("normalize" in d for d in diffs) and any("int8_mask" in d for d in diffs)
+    assert any("elected sign" in d for d in diffs) and any("int8_mask" in d for d in diffs)
+    _, diffs = translate({**TIES, "parameters": {"normalize": False}})
+    assert any("normalize: false" in d for d in diffs)
     assert any("tokenizer_source" in d for d in diffs)
 
 
@@ -80,6 +82,8 @@ def test_top_level_parameters_are_per_model_defaults_and_catch_all_filters() -> 
     ({"models": [{"model": "x", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 1}]}}]},
      "weight"),
     ({"colour": "blue"}, "colour"),
+    ({"merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "x"}]},
+     "models[0]"),
 ])
 def test_rejections_name_the_key(change: dict, key: str) -> None:
     data = {"base_model": "b", "merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": 1}}],
