@@ -43,6 +43,10 @@ def merge(
         typer.Option("--hash", help="digest of every input file recorded in the model card: xxh3 (fast), sha256, "
                      "or none"),
     ] = "xxh3",
+    recipe_format: Annotated[
+        str, typer.Option("--format", help="recipe format: auto (detect), omnimerge, or mergekit (translated; "
+                          "differences are printed and recorded in the model card)")
+    ] = "auto",
     sync: Annotated[
         bool, typer.Option("--sync/--no-sync", help="flush the output to disk before finishing (--no-sync: faster; "
                            "a power loss soon after may leave it truncated)")
@@ -51,18 +55,22 @@ def merge(
     """Merge the experts of RECIPE into OUTPUT."""
     import_engine()
     from omnimerge.api import merge as do_merge
+    from omnimerge.errors import RecipeError
+    from omnimerge.recipe import load_recipe
 
     overrides = list(set_ or [])
     if shard_size:
         overrides.append(f"shard_size={shard_size}")
+    if recipe_format not in ("auto", "omnimerge", "mergekit"):
+        raise RecipeError(f"--format: expected auto, omnimerge or mergekit, got {recipe_format!r}")
+    loaded = load_recipe(recipe, overrides, recipe_format)  # type: ignore[arg-type]
     report = do_merge(
-        recipe,
+        loaded,
         output,
         overwrite=overwrite,
         device=device,
         workers=workers or None,
         progress=not quiet,
-        overrides=overrides,
         echo=lambda m: console.print(f"[yellow]note:[/] {escape(str(m))}", highlight=False),
         hash_inputs=hash_inputs,
         sync=sync,

@@ -126,6 +126,8 @@ class MergeRun:
         self.workers = o.workers or min(4, os.cpu_count() or 1)
         self.progress = o.progress
         self.notes = Notes(o.echo)
+        for diff in recipe.differences:  # a translated (mergekit) recipe's stated differences
+            self.notes(diff)
         self.check_finite = o.check_finite
         self.use_kernels = o.use_kernels  # compiled fused kernels where they apply (see omnimerge.kernels)
         self.sync = o.sync  # fsync the output before it is committed
@@ -885,7 +887,8 @@ class MergeRun:
                     for role, ref, files in inputs
                 ]
                 write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__,
-                                 library="peft" if self.recipe.output == "lora" else "transformers")
+                                 library="peft" if self.recipe.output == "lora" else "transformers",
+                                 differences=self.recipe.differences)
                 output.commit()
                 report.seconds = time.perf_counter() - t0
                 return report

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from omnimerge import mergekit_format
 from omnimerge.errors import RecipeError, quoted
 
 MAX_RECIPE_BYTES = 10_000_000
@@ -89,6 +90,9 @@ class Recipe(BaseModel):
     task_models: bool = False
     #: folder that relative paths are resolved against (the recipe file's folder); not part of the YAML
     base_dir: str | None = Field(default=None, exclude=True)
+    #: where the recipe was translated from another format (mergekit): one line per way omnimerge computes
+    #: differently; printed by the run and recorded in the model card; not part of the YAML
+    differences: list[str] = Field(default_factory=list, exclude=True)
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude={"base_dir"}, exclude_none=True)
@@ -201,8 +205,12 @@ def load_yaml(text: str, where: str = "recipe") -> Any:
         loader.dispose()
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set key.path=value`` overrides, validate."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                fmt: Literal["auto", "omnimerge", "mergekit"] = "auto") -> Recipe:
+    """Read a YAML recipe, apply ``--set key.path=value`` overrides, validate.
+
+    ``fmt="auto"`` detects a mergekit recipe (see :mod:`omnimerge.mergekit_format`) and translates it; the
+    overrides then apply to the translated (omnimerge) recipe."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -216,8 +224,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not UTF-8 text") from None
     data = load_yaml(text, str(p))
+    differences: list[str] = []
+    if fmt == "mergekit" or (fmt == "auto" and mergekit_format.is_mergekit_recipe(data)):
+        data, differences = mergekit_format.translate(data, str(p))
     data = apply_overrides(data, overrides or [], str(p))
-    return validate_recipe(data, str(p), p.resolve().parent)
+    r = validate_recipe(data, str(p), p.resolve().parent)
+    r.differences = [f"mergekit recipe: {d}" for d in differences]
+    return r
 
 
 def apply_overrides(data: Any, overrides: list[str], source: str = "recipe") -> Any:

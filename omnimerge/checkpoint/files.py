@@ -206,8 +206,12 @@ def write_model_card(
     inputs: list[tuple[str, str, list[tuple[str, str]]]],
     report: dict[str, Any],
     library: str = "transformers",
+    differences: list[str] | None = None,
 ) -> None:
-    """README.md with YAML front matter, the method and its paper, every input file's digest, the recipe."""
+    """README.md with YAML front matter, the method and its paper, every input file's digest, the recipe.
+
+    ``differences``: where the recipe was translated from another format (mergekit), how this merge computes
+    differently from that tool (one line each)."""
     base_refs = [ref for role, ref, _ in inputs if role == "base"]
     lines = ["---", f"library_name: {library}", "tags:", "- omnimerge", "- merge"]
     if base_refs and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base_refs[0]):
@@ -229,6 +233,8 @@ def write_model_card(
     for role, ref, files in inputs:
         for fname, digest in files:
             lines.append(f"| {role} | `{ref}` | `{fname}` | `{digest}` |")
+    if differences:
+        lines += ["", "## Differences from the recipe's own tool", ""] + [f"- {d}" for d in differences]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     try:
         (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,181 @@
+"""Translate mergekit (0.1.5) YAML recipes into omnimerge recipes.
+
+Pure: :func:`translate` takes the parsed mapping and returns an omnimerge recipe mapping plus a list of stated
+differences (one line each; the CLI prints them and the model card records them). A recipe omnimerge cannot
+reproduce raises :class:`~omnimerge.errors.RecipeError` with one line naming the key.
+
+What maps:
+
+* ``models[].parameters`` / top-level ``parameters``: mergekit lets any parameter be set per model or at the top
+  (the top-level value is the default for every model). omnimerge's per-model parameter is ``weight``; every
+  other parameter must be the same for all models and becomes a top-level one.
+* gradients (a list of numbers) are omnimerge schedules (same interpolation: t = layer / (num_layers - 1)).
+* filtered lists ``[{filter: ..., value: ...}, ...]``: only a catch-all (no filter or ``*``) is reproduced.
+* ``lambda`` is omnimerge's ``scaling`` (mergekit's default 1.0 is written out: omnimerge's defaults differ).
+* ``dare_*``: mergekit's ``density`` (keep fraction) is omnimerge's ``drop_rate = 1 - density``.
+* mergekit merges every tensor: the translated recipe selects ``.*``.
+* ``tokenizer_source``/``tokenizer.source``: ``base`` is omnimerge's default; a model's path becomes
+  ``copy_files_from``; ``union`` is rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omnimerge.errors import RecipeError
+
+#: keys only a mergekit recipe has
+_MERGEKIT_ONLY = {"tokenizer_source", "tokenizer", "chat_template", "slices", "modules", "base_model_name"}
+
+#: mergekit method -> omnimerge method
+METHODS: dict[str, str] = {
+    "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
+    "dare_linear": "dare_ta", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs_ties",
+    "della": "della", "della_linear": "della_linear", "sce": "sce", "slerp": "slerp", "nuslerp": "nuslerp",
+    "multislerp": "multislerp", "karcher": "karcher", "model_stock": "model_stock", "nearswap": "nearswap",
+    "ram": "ram", "arcee_fusion": "arcee_fusion",
+}
+#: methods with a final multiplier (mergekit's ``lambda``, default 1.0)
+_SCALED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+           "della_linear"}
+_DARE = {"dare_ties", "dare_linear"}
+#: mergekit's ``normalize`` default per method, where it has one
+_NORMALIZE_DEFAULT = {"linear": True, "ties": True, "dare_ties": True, "breadcrumbs_ties": True, "della": True,
+                      "task_arithmetic": False, "dare_linear": False, "breadcrumbs": False,
+                      "della_linear": False}
+
+
+def is_mergekit_recipe(data: Any) -> bool:
+    """True for a mapping that only mergekit's format has: its keys, ``lambda``, or filtered parameter lists."""
+    if not isinstance(data, dict):
+        return False
+    if _MERGEKIT_ONLY & set(data):
+        return True
+    params = data.get("parameters") or {}
+    if isinstance(params, dict) and ({"lambda", "int8_mask"} & set(params)):
+        return True
+    return "base_model" not in data and bool(data.get("models"))  # mergekit allows no base (e.g. linear)
+
+
+def _resolve(key: str, where: str, value: Any) -> Any:
+    """A mergekit parameter setting as an omnimerge value: scalar, list (schedule) or catch-all filter."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for cond in value:
+            if set(cond) - {"filter", "value"}:
+                raise RecipeError(f"{where}.{key}: a filtered entry has keys filter and value, got {sorted(cond)}")
+            if cond.get("filter") in (None, "*"):
+                if cond is value[0]:
+                    return _resolve(key, where, cond["value"])
+                break
+        filters = [c.get("filter") for c in value]
+        raise RecipeError(f"{where}.{key}: per-tensor filters {filters} have no omnimerge equivalent yet "
+                          f"(only a catch-all value is translated)")
+    return value
+
+
+def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[str]]:
+    """A mergekit recipe mapping -> (omnimerge recipe mapping, stated differences)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a mergekit recipe must be a mapping of keys")
+    diffs: list[str] = []
+    for key in ("slices", "modules"):
+        if key in data:
+            raise RecipeError(f"{source}: {key}: mergekit's {key} (layer-range merges) are not translated yet")
+    method = data.get("merge_method")
+    if method not in METHODS:
+        raise RecipeError(f"{source}: merge_method: expected one of mergekit's methods "
+                          f"({', '.join(sorted(METHODS))}), got {method!r}")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise RecipeError(f"{source}: models: a list of models is required")
+    base = data.get("base_model")
+    if not base:
+        raise RecipeError(f"{source}: base_model: omnimerge needs a base model (mergekit's {method} without "
+                          f"one has no equivalent)")
+    top = dict(data.get("parameters") or {})
+    shared: dict[str, Any] = {}
+    for key in ("normalize", "int8_mask"):
+        if key in top:
+            shared[key] = top.pop(key)
+    lam = top.pop("lambda", 1.0)
+    out_models: list[dict[str, Any]] = []
+    per_key: dict[str, list[Any]] = {}
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise RecipeError(f"{source}: models[{i}]: expected a mapping with a 'model' key")
+        where = f"{source}: models[{i}].parameters"
+        params = {**top, **(m.get("parameters") or {})}
+        entry: dict[str, Any] = {"model": str(m["model"])}
+        if m["model"] == base:
+            if method == "linear" and params.get("weight"):
+                raise RecipeError(f"{source}: models[{i}]: mergekit's linear averages the base model in with "
+                                  f"its weight; omnimerge's linear averages the experts only")
+            continue  # mergekit lists the base among models; omnimerge has it as base_model only
+        mparams: dict[str, Any] = {}
+        for k, v in params.items():
+            v = _resolve(k, where, v)
+            if k == "weight":
+                mparams["weight"] = v
+            else:
+                per_key.setdefault(k, []).append(v)
+        if mparams:
+            entry["parameters"] = mparams
+        out_models.append(entry)
+    if not out_models:
+        raise RecipeError(f"{source}: models: every model is the base model; nothing to merge")
+    params_out: dict[str, Any] = {}
+    for k, vals in per_key.items():
+        if len(vals) != len(out_models) or any(v != vals[0] for v in vals):
+            raise RecipeError(f"{source}: models[].parameters.{k}: per-model values {vals} differ; omnimerge "
+                              f"takes one {k} for all models (only weight is per model)")
+        params_out[k] = vals[0]
+    if method in _DARE and "density" in params_out:
+        d = params_out.pop("density")
+        params_out["drop_rate"] = [1 - x for x in d] if isinstance(d, list) else 1 - d
+        if method == "dare_ties":
+            params_out["density"] = 1.0  # mergekit's dare_ties trims at random only
+    if method in _SCALED:
+        params_out["scaling"] = lam
+    elif lam != 1.0:
+        raise RecipeError(f"{source}: parameters.lambda: {method} has no final multiplier in omnimerge")
+    normalize = shared.get("normalize", _NORMALIZE_DEFAULT.get(method))
+    if normalize is not None:
+        if method in ("linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+            params_out["normalize"] = bool(normalize)
+        elif method in ("ties", "dare_ties") and not normalize:
+            diffs.append(f"parameters.normalize: false: omnimerge's {method} always divides by the sum of the "
+                         f"agreeing weights (mergekit's normalize: true)")
+        elif method in ("ties", "dare_ties"):
+            diffs.append(f"{method}: entries whose elected sign is 0 and the trimming threshold's ties are "
+                         f"handled as in the TIES paper, not as in mergekit (small differences in a few entries)")
+        elif normalize:
+            diffs.append(f"parameters.normalize: true: omnimerge's {METHODS[method]} does not normalize "
+                         f"(set weights that sum to 1 to match)")
+    if shared.get("int8_mask"):
+        diffs.append("parameters.int8_mask: mergekit stores masks as int8 to save memory; omnimerge's masks "
+                     "are its own (no effect on the result)")
+    recipe: dict[str, Any] = {"base_model": str(base), "models": out_models, "merge_method": METHODS[method],
+                              "parameters": params_out, "select": {"include": [".*"]}}
+    for key in ("dtype", "out_dtype"):
+        if key in data:
+            recipe[key] = data[key]
+    tok = data.get("tokenizer_source")
+    if isinstance(data.get("tokenizer"), dict):
+        tok = data["tokenizer"].get("source", tok)
+    if tok not in (None, "base"):
+        if tok == "union":
+            raise RecipeError(f"{source}: tokenizer_source: 'union' (a merged vocabulary) is not supported")
+        recipe["copy_files_from"] = str(tok)
+        diffs.append(f"tokenizer_source: {tok}: its tokenizer/config files are copied; embeddings are not "
+                     f"re-mapped as mergekit does for a different vocabulary")
+    if "chat_template" in data:
+        diffs.append("chat_template: not applied (omnimerge keeps the base's, or copy_files_from's)")
+    unknown = set(data) - {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
+                           "tokenizer_source", "tokenizer", "chat_template"}
+    if unknown:
+        raise RecipeError(f"{source}: {sorted(unknown)[0]}: unknown mergekit key")
+    return recipe, diffs
