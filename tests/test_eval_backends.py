@@ -73,6 +73,13 @@ def test_family_generates_in_order_batched_as_alone(zoo: dict[str, Path], family
         assert all(g.image_sizes == ((32, 32),) for g in batched)
 
 
+def test_processor_kwargs_set_the_resize(zoo: dict[str, Path]) -> None:
+    b = TransformersBackend.from_source(zoo["qwen2_vl"], progress=False, processor_kwargs={"max_pixels": 32 * 32})
+    [g] = b.generate([Request((Image.new("RGB", (61, 45)),), "what is this", 2)])
+    # 61x45 over 1024 pixels: scaled by sqrt(61*45/1024) = 1.636 and floored to the 16-pixel grid
+    assert g.image_sizes == ((32, 16),)
+
+
 def test_prompt_goes_through_chat_template(zoo: dict[str, Path]) -> None:
     b = TransformersBackend.from_source(zoo["qwen2_vl"], progress=False)
     seen: dict[str, Any] = {}

@@ -69,10 +69,11 @@ class TransformersBackend:
 
     @classmethod
     def from_source(cls, source: Any, *, base: str | Path | None = None, device: str = "cpu", dtype: Any = None,
-                    batch_size: int = 8, progress: bool = True) -> TransformersBackend:
+                    batch_size: int = 8, progress: bool = True,
+                    processor_kwargs: dict[str, Any] | None = None) -> TransformersBackend:
         """Load ``source`` (see :func:`~omnimerge.eval.models.load_model`) and wrap it."""
-        return cls(load_model(source, base=base, device=device, dtype=dtype), batch_size=batch_size,
-                   progress=progress)
+        return cls(load_model(source, base=base, device=device, dtype=dtype, processor_kwargs=processor_kwargs),
+                   batch_size=batch_size, progress=progress)
 
     # -- sizes ------------------------------------------------------------------------------------------------
     def _image_sizes(self, images: Sequence[Any], inputs: Any) -> list[tuple[int, int]]:

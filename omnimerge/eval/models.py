@@ -126,16 +126,18 @@ def _chat_template(path: Path) -> str | None:
     return None
 
 
-def load_processor(path: Path, config: Any) -> Any:
-    """The checkpoint's own processor (tokenizer, image processor, chat template), without remote code.
+def load_processor(path: Path, config: Any, processor_kwargs: Mapping[str, Any] | None = None) -> Any:
+    """The checkpoint's own processor (tokenizer, image processor, chat template), without remote code;
+    ``processor_kwargs`` override its image processor's settings (e.g. Qwen2-VL's ``min_pixels``/``max_pixels``).
 
     Where transformers cannot build the processor's video processor (no torchvision installed), the same
     processor class is built from its image processor and tokenizer with no video processor."""
     import transformers as T
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+    kw = dict(processor_kwargs or {})
     try:
-        return T.AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        return T.AutoProcessor.from_pretrained(path, trust_remote_code=False, **kw)
     except Exception as first:  # noqa: BLE001 - the fallback below says what failed if it fails too
         cls = PROCESSOR_MAPPING.get(type(config), None)
         if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
@@ -147,7 +149,7 @@ def load_processor(path: Path, config: Any) -> Any:
                 params = inspect.signature(cls.__init__).parameters
                 saved = json.loads(pc.read_text(encoding="utf-8"))
                 kwargs = {k: v for k, v in saved.items() if k in params and k not in ("chat_template",)}
-            return image_only(cls)(image_processor=T.AutoImageProcessor.from_pretrained(path),
+            return image_only(cls)(image_processor=T.AutoImageProcessor.from_pretrained(path, **kw),
                                    tokenizer=T.AutoTokenizer.from_pretrained(path), video_processor=None,
                                    chat_template=_chat_template(path), **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -172,7 +174,8 @@ def _dtype(device: str, dtype: Any) -> Any:
 
 
 def load_model(source: str | Path | Mapping[str, Any], *, base: str | Path | None = None, device: str = "cpu",
-               dtype: Any = None, merge_parameters: dict[str, Any] | None = None) -> LoadedModel:
+               dtype: Any = None, merge_parameters: dict[str, Any] | None = None,
+               processor_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
     """Load ``source`` for generation on ``device`` (default dtype: float32 on CPU, bfloat16 on CUDA).
 
     ``source``: a checkpoint folder or hub id in the local cache; a PEFT adapter folder (its
@@ -180,22 +183,25 @@ def load_model(source: str | Path | Mapping[str, Any], *, base: str | Path | Non
     recipe (a YAML path or a dict with its keys): the base is loaded once and the recipe merged into it in
     memory (``merge_parameters`` override the recipe's method parameters); the returned model keeps the
     :class:`~omnimerge.Merger` open for :meth:`LoadedModel.remerge` (close it with :meth:`LoadedModel.close`).
+    ``processor_kwargs`` go to the processor (e.g. ``{"max_pixels": 1280 * 28 * 28}`` for Qwen2-VL).
     """
     from omnimerge.checkpoint.reader import resolve_model_path
 
     _quiet()
     torch_dtype = _dtype(device, dtype)
     if isinstance(source, Mapping) or str(source).endswith(RECIPE_SUFFIXES):
-        return _load_recipe(source, device, torch_dtype, merge_parameters)
+        return _load_recipe(source, device, torch_dtype, merge_parameters, processor_kwargs)
     path = resolve_model_path(str(source))
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return _load_adapter(path, base, device, torch_dtype)
+        return _load_adapter(path, base, device, torch_dtype, processor_kwargs)
     config = load_config(path)
     model = _from_pretrained(path, config, device, torch_dtype)
-    return LoadedModel(model, load_processor(path, config), model.config, "checkpoint", path, device)
+    return LoadedModel(model, load_processor(path, config, processor_kwargs), model.config, "checkpoint", path,
+                       device)
 
 
-def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) -> LoadedModel:
+def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any,
+                  processor_kwargs: Mapping[str, Any] | None) -> LoadedModel:
     from omnimerge.checkpoint.reader import read_json, resolve_model_path
 
     try:
@@ -214,11 +220,12 @@ def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) 
         raise CheckpointError(f"{path}: the adapter does not fit its base {base_path} "
                               f"({str(e).splitlines()[0]})") from None
     proc_src = path if (path / "tokenizer_config.json").is_file() else base_path
-    return LoadedModel(model.eval(), load_processor(proc_src, config), model.config, "adapter", path, device)
+    return LoadedModel(model.eval(), load_processor(proc_src, config, processor_kwargs), model.config, "adapter",
+                       path, device)
 
 
 def _load_recipe(source: str | Path | Mapping[str, Any], device: str, dtype: Any,
-                 merge_parameters: dict[str, Any] | None) -> LoadedModel:
+                 merge_parameters: dict[str, Any] | None, processor_kwargs: Mapping[str, Any] | None) -> LoadedModel:
     from omnimerge.api import Merger, as_recipe
     from omnimerge.checkpoint.reader import resolve_model_path
 
@@ -230,7 +237,7 @@ def _load_recipe(source: str | Path | Mapping[str, Any], device: str, dtype: Any
     files = resolve_model_path(recipe.copy_files_from, recipe.base_path) if recipe.copy_files_from else base_path
     config = load_config(base_path)
     model = _from_pretrained(base_path, config, device, dtype)
-    processor = load_processor(files, load_config(files) if files != base_path else config)
+    processor = load_processor(files, load_config(files) if files != base_path else config, processor_kwargs)
     merger = Merger(recipe, device=device if str(device).startswith("cuda") else None)
     loaded = LoadedModel(model, processor, model.config, "recipe",
                          None if isinstance(source, Mapping) else Path(source), device, merger)
