@@ -237,3 +237,35 @@ def test_bad_inputs_one_line(zoo: dict[str, Path], tmp_path: Path) -> None:
         load_model(tmp_path / "remote")
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         load_model("nobody-xyz/no-such-model-15b")
+
+
+def test_hub_id_from_the_local_cache(zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llava"
+    shutil.copytree(zoo["llava"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("tiny-org/tiny-llava")
+    assert loaded.path == (repo / "snapshots" / "0123abcd").resolve()
+    reqs = requests()[:2]
+    assert (TransformersBackend(loaded, progress=False).generate(reqs)
+            == TransformersBackend.from_source(zoo["llava"], progress=False).generate(reqs))
+
+
+def test_dtype_casts_images_to_the_model(zoo: dict[str, Path]) -> None:
+    b = TransformersBackend.from_source(zoo["llava"], dtype="bfloat16", progress=False)
+    assert b.model.dtype == torch.bfloat16
+    seen: dict[str, Any] = {}
+    real = b.model.generate
+
+    def spy(**kw: Any) -> Any:
+        seen.update(kw)
+        return real(**kw)
+
+    b.model.generate = spy
+    [g] = b.generate([Request((Image.new("RGB", (32, 32)),), "what is this", 3)])
+    assert seen["pixel_values"].dtype == torch.bfloat16 and seen["input_ids"].dtype == torch.long and g.text
