@@ -269,3 +269,13 @@ def test_dtype_casts_images_to_the_model(zoo: dict[str, Path]) -> None:
     b.model.generate = spy
     [g] = b.generate([Request((Image.new("RGB", (32, 32)),), "what is this", 3)])
     assert seen["pixel_values"].dtype == torch.bfloat16 and seen["input_ids"].dtype == torch.long and g.text
+
+
+def test_several_images_in_one_request(zoo: dict[str, Path]) -> None:
+    b = TransformersBackend.from_source(zoo["qwen2_vl"], batch_size=4, progress=False)
+    reqs = [Request((Image.new("RGB", (40, 30)), Image.new("RGB", (61, 45), "blue")), "what is this", 3),
+            Request((Image.new("RGB", (47, 35)),), "how many box", 4),
+            Request((), "answer yes or no", 2)]
+    out = b.generate(reqs)
+    assert [g.image_sizes for g in out] == [((32, 32), (64, 48)), ((48, 32),), ()]
+    assert out == [b.generate([r])[0] for r in reqs]

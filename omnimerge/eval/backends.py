@@ -101,8 +101,12 @@ class TransformersBackend:
 
         texts = [self.processor.apply_chat_template(_messages(r), tokenize=False, add_generation_prompt=True)
                  for r in batch]
-        images = [im.convert("RGB") for r in batch for im in r.images]
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        per_request = [[im.convert("RGB") for im in r.images] for r in batch]
+        images = [im for ims in per_request for im in ims]
+        # nested per request (what processors of interleaved families need) where every request has an image;
+        # a flat list otherwise (processors that count image tokens in the text take either)
+        arg: Any = (per_request if all(per_request) else images) if images else None
+        inputs = self.processor(text=texts, images=arg, return_tensors="pt", padding=True)
         dtype = self.model.dtype
         inputs = inputs.to(self.model.device)
         for k, v in inputs.items():
