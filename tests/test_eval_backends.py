@@ -279,3 +279,14 @@ def test_several_images_in_one_request(zoo: dict[str, Path]) -> None:
     out = b.generate(reqs)
     assert [g.image_sizes for g in out] == [((32, 32), (64, 48)), ((48, 32),), ()]
     assert out == [b.generate([r])[0] for r in reqs]
+
+
+def test_text_only_model(tmp_path: Path) -> None:
+    b = TransformersBackend.from_source(save_tiny_vlm("qwen2", tmp_path / "lm", seed=4), batch_size=2, progress=False)
+    assert not b.multimodal and b.box_format == "normalized"
+    reqs = [Request((), "what is the color", 3), Request((), "how many box", 5), Request((), "answer", 4)]
+    out = b.generate(reqs)
+    assert all(g.text and g.image_sizes == () for g in out)  # seed 4: this random model does not stop at once
+    assert out == [b.generate([r])[0] for r in reqs]
+    with pytest.raises(OmniMergeError, match="text-only model"):
+        b.generate([requests()[0]])

@@ -130,6 +130,12 @@ def build(family: str, seed: int = 0) -> tuple[Any, Any]:
         proc = T.LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
                                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                 image_token="<image>", chat_template=LLAVA_TEMPLATE)
+    elif family == "qwen2":  # a text-only causal LM: the processor is its tokenizer
+        tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>", "<|im_end|>", {})
+        tok.chat_template = QWEN_TEMPLATE
+        config = T.Qwen2Config(**_text_config(tok, "<|im_end|>"))
+        model = T.Qwen2ForCausalLM(config)
+        proc = tok
     else:
         raise ValueError(f"unknown tiny VLM family {family!r}")
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omnimerge.errors import OmniMergeError
 from omnimerge.eval.models import LoadedModel, load_model
 from omnimerge.eval.protocol import Generation, Request, box_format_for
 
 
-def _messages(req: Request) -> list[dict[str, Any]]:
+def _messages(req: Request, multimodal: bool) -> list[dict[str, Any]]:
+    if not multimodal:  # a text-only model's template takes the content as a string
+        return [{"role": "user", "content": req.prompt}]
     content: list[dict[str, Any]] = [{"type": "image"} for _ in req.images]
     content.append({"type": "text", "text": req.prompt})
     return [{"role": "user", "content": content}]
@@ -57,6 +60,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         self.batch_size = batch_size
         self.progress = progress
+        self.multimodal = getattr(loaded.processor, "image_processor", None) is not None
         self.box_format: str = box_format_for(loaded.model_type)
         self.last_stats: dict[str, float] = {}
         gen = self.model.generation_config
@@ -99,14 +103,24 @@ class TransformersBackend:
     def _encode(self, batch: Sequence[Request]) -> Any:
         import torch
 
-        texts = [self.processor.apply_chat_template(_messages(r), tokenize=False, add_generation_prompt=True)
-                 for r in batch]
+        if not self.multimodal and any(r.images for r in batch):
+            raise OmniMergeError(f"{self.loaded.path}: a text-only model (no image processor) was given a request "
+                                 "with images")
+        texts = [self.processor.apply_chat_template(_messages(r, self.multimodal), tokenize=False,
+                                                    add_generation_prompt=True) for r in batch]
+        # a template that writes the BOS itself must not get a second one (as transformers' own
+        # apply_chat_template(tokenize=True) decides)
+        bos = self.tokenizer.bos_token
+        special = {"add_special_tokens": False} if bos and all(t.startswith(bos) for t in texts) else {}
+        if not self.multimodal:
+            inputs = self.tokenizer(texts, return_tensors="pt", padding=True, **special)
+            return inputs.to(self.model.device), []
         per_request = [[im.convert("RGB") for im in r.images] for r in batch]
         images = [im for ims in per_request for im in ims]
         # nested per request (what processors of interleaved families need) where every request has an image;
         # a flat list otherwise (processors that count image tokens in the text take either)
         arg: Any = (per_request if all(per_request) else images) if images else None
-        inputs = self.processor(text=texts, images=arg, return_tensors="pt", padding=True)
+        inputs = self.processor(text=texts, images=arg, return_tensors="pt", padding=True, **special)
         dtype = self.model.dtype
         inputs = inputs.to(self.model.device)
         for k, v in inputs.items():
