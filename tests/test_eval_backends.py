@@ -290,3 +290,22 @@ def test_text_only_model(tmp_path: Path) -> None:
     assert out == [b.generate([r])[0] for r in reqs]
     with pytest.raises(OmniMergeError, match="text-only model"):
         b.generate([requests()[0]])
+
+
+def test_stops_at_the_tokenizers_end_of_turn_too(zoo: dict[str, Path]) -> None:
+    loaded = load_model(zoo["qwen2_vl"])
+    tok = loaded.processor.tokenizer
+    end_of_text, end_of_turn = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    loaded.model.generation_config.eos_token_id = end_of_text  # as a base (not instruct) Qwen2-VL's config
+    b = TransformersBackend(loaded, progress=False)
+    seen: dict[str, Any] = {}
+    ids = tok.convert_tokens_to_ids(["red", "<|im_end|>", "blue"])
+
+    def fake_generate(input_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        seen.update(kw)
+        return torch.cat([input_ids, torch.tensor([ids] * input_ids.shape[0])], dim=1)
+
+    b.model.generate = fake_generate
+    [g] = b.generate([Request((Image.new("RGB", (32, 32)),), "what is the color", 8)])
+    assert g.text == "red"
+    assert set(seen["eos_token_id"]) == {end_of_text, end_of_turn}

@@ -64,11 +64,16 @@ class TransformersBackend:
         self.box_format: str = box_format_for(loaded.model_type)
         self.last_stats: dict[str, float] = {}
         gen = self.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # generation stops at the model's end tokens and at the tokenizer's (the end of a chat turn, e.g. a base
+        # Qwen2-VL's generation config names only <|endoftext|> while its template ends turns with <|im_end|>)
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        self._eos = {*eos, self.tokenizer.eos_token_id} - {None}
+        if not self._eos:
+            raise OmniMergeError(f"{loaded.path}: neither the generation config nor the tokenizer names an "
+                                 "end-of-sequence token")
         self._pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         if self._pad is None:
-            self._pad = next(iter(self._eos))
+            self._pad = min(self._eos)
         self._drop = {self._pad, self.tokenizer.bos_token_id} - {None}
 
     @classmethod
@@ -144,7 +149,8 @@ class TransformersBackend:
         max_new = max(r.max_new_tokens for r in batch)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new, do_sample=False, num_beams=1,
-                                      temperature=None, top_p=None, top_k=None, pad_token_id=self._pad)
+                                      temperature=None, top_p=None, top_k=None, pad_token_id=self._pad,
+                                      eos_token_id=sorted(self._eos))
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
         sizes = self._image_sizes(images, inputs)
         gens, at = [], 0
