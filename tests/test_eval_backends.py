@@ -214,6 +214,14 @@ def test_recipe_in_memory_equals_written_checkpoint(family_dir: tuple[Path, list
             assert all(torch.equal(sd[k], msd[k]) for k in sd)
             assert mem.generate(reqs) == texts
     assert written[0.6][1] != base_texts or written[1.0][1] != base_texts  # the merge changed what it says
+    # the same recipe as a YAML file, with parameters overridden at load
+    import yaml
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with load_model(tmp_path / "recipe.yaml", merge_parameters={"scaling": 1.0, "density": 0.5}) as from_yaml:
+        assert from_yaml.path == tmp_path / "recipe.yaml"
+        ysd = from_yaml.model.state_dict()
+        assert all(torch.equal(written[1.0][0][k], ysd[k]) for k in ysd)
     with pytest.raises(OmniMergeError, match="recipe"):
         load_model(base_dir).remerge({"scaling": 0.1})
 
@@ -230,6 +238,11 @@ def test_bad_inputs_one_line(zoo: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
     with pytest.raises(CheckpointError, match="'no_such_arch' is not an architecture") as e:
         load_model(tmp_path / "odd")
+    assert "\n" not in str(e.value)
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    with pytest.raises(CheckpointError, match="cannot generate") as e:
+        load_model(tmp_path / "encoder")
     assert "\n" not in str(e.value)
     (tmp_path / "remote").mkdir()
     (tmp_path / "remote" / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
