@@ -7,7 +7,12 @@ runs in float32, on CUDA in bfloat16 (see :func:`omnimerge.eval.models.load_mode
 special tokens a family writes boxes with (Qwen2-VL's ``<|box_start|>``, InternVL's ``<box>``) and drops
 padding, BOS and everything from the first end-of-sequence token on.
 
-A vLLM backend is not part of this module yet (see docs/evaluation.md)."""
+Image sizes (:attr:`Generation.image_sizes`): Qwen2-VL/2.5-VL from ``image_grid_thw`` x the patch size (the
+smart-resized image, which Qwen2.5-VL's pixel boxes refer to); other families: the processor's fixed target
+size (center crop, or a ``height``/``width`` resize), else the original size (InternVL's tiling and LLaVA-NeXT's
+any-resolution grids have no single resized size; their boxes are relative, so none is needed).
+
+A vLLM backend is not part of this module yet."""
 
 from __future__ import annotations
 
