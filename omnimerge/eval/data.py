@@ -230,12 +230,16 @@ def open_split(source: str | os.PathLike[str], split: str, config: str | None = 
     text = str(source)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
+            if _empty_save(path / split):  # datasets 5 cannot reload an empty save: it is an empty split
+                return Rows(f"{path} [{split}]", records=[])
             dd = _load_from_disk(path)
             if split not in dd:
                 raise DataError(f"{path}: no split '{split}' in the saved DatasetDict (splits: "
                                 f"{', '.join(dd) or 'none'}); pass --split")
             return Rows(f"{path} [{split}]", dataset=dd[split])
         if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+            if _empty_save(path):
+                return Rows(str(path), records=[])
             return Rows(str(path), dataset=_load_from_disk(path))
         files = _split_parquets(path, split)
         if files:
@@ -263,6 +267,15 @@ def open_split(source: str | os.PathLike[str], split: str, config: str | None = 
                 "machine with network (or unset HF_HUB_OFFLINE), or pass a local path" if offline else "")
         raise DataError(f"cannot load {what}: {first[:300]}{hint}") from None
     return Rows(f"{text} [{split}]", dataset=ds)
+
+
+def _empty_save(folder: Path) -> bool:
+    """A split saved by save_to_disk with no rows (its state lists no data file)."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def _load_from_disk(path: Path) -> Any:

@@ -178,9 +178,9 @@ class Task:
         src = str(source) if source is not None else self.hub_id
         config = self.hub_config if source is None or str(source) == self.hub_id else None
         rows = open_split(src, split, config=config)
-        self._check_fields(rows, images != "none")
         if len(rows) == 0:
             raise DataError(f"{self.name}: split '{split}' of {rows.origin} is empty")
+        self._check_fields(rows, images != "none")
         image_cols = [c for c in self.image_fields if c in rows.columns]
         examples: list[Example] = []
         for doc_id, row in enumerate(rows.iter_rows(exclude=image_cols)):

@@ -35,7 +35,8 @@ from omnimerge.eval.protocol import Generation
 from omnimerge.eval.registry import Example, Score, Task, generation_text, register
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")  # thousands separators allowed: "1,000"
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
 
 
 def boxed(text: str) -> str | None:
@@ -184,8 +185,7 @@ class MathVista(Task):
             m = re.search(r"\[[^\[\]]*\]", text)
             if not m:
                 return None
-            nums = _NUMBER.findall(m.group(0))
-            return "[" + ", ".join(n.replace(",", "") for n in nums) + "]"
+            return "[" + ", ".join(_PLAIN_NUMBER.findall(m.group(0))) + "]"
         num = last_number(text)
         if num is None:
             return None
