@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import eval_fixtures as F
 import pytest
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
@@ -13,6 +12,7 @@ from omnimerge.errors import OmniMergeError
 from omnimerge.eval import get_task, task_names
 from omnimerge.eval.data import DataError, stratified_sample
 from omnimerge.eval.protocol import Generation
+from tests import eval_fixtures as F
 
 POOL = ["vqav2", "gqa", "vizwiz", "mathvista", "mathvision", "geometry3k", "chartqa", "textvqa", "ocrvqa",
         "ocrbench", "docvqa", "refcoco", "refcoco_plus", "refcocog"]
