@@ -226,7 +226,9 @@ def test_mathvision_prompt_and_paper_subsets(layouts: dict[str, dict[str, Path]]
 
 @pytest.mark.parametrize(("i", "pred", "want", "parsed"), [
     (0, "C", 1.0, True), (0, "Answer: C", 1.0, True), (0, "The answer is (C).", 1.0, True),
-    (0, "5", 1.0, True), (0, "B", 0.0, True), (0, "a", 0.0, False),
+    (0, "5", 1.0, True), (0, "B", 0.0, True), (0, "c", 1.0, True),   # a bare letter, any case
+    (0, "I think it is a right angle, so C", 1.0, True), (0, "C is correct", 1.0, True),
+    (0, "none of these", 0.0, False),
     (1, "B. 24", 1.0, True),
     (1, "a triangle with area 24", 1.0, True),   # the article "a" is not option A
 ])

@@ -71,25 +71,28 @@ def _answer_tail(text: str) -> str:
 
 
 def choice_letter(text: str, n_choices: int) -> str | None:
-    """The option letter an answer gives (A… for ``n_choices`` options), or None."""
+    """The option letter an answer gives (A… for ``n_choices`` options), or None.
+
+    In order: the whole answer is a letter (any case: ``b``, ``(B)``, ``B.``); it starts with one (``B. 24``,
+    ``(B) 24``); it says "answer/option/choice (is) B"; else the last capital letter standing alone that does
+    not start a lower-case phrase (``so D`` counts, the article in ``A triangle`` does not)."""
     valid = LETTERS[:n_choices]
     if not valid:
         return None
     cls = f"[{valid}]"
     candidates = [_answer_tail(text), text.strip()]
-    patterns = (
-        rf"^\(?({cls})\)?[.:)]?$",  # the whole answer: B, (B), B., B)
-        rf"^\(?({cls})[.:)]\s",  # B. text / (B) text
-        rf"^\(({cls})\)",
-        rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?({cls})\b\)?",
-    )
     for cand in candidates:
         cand = cand.strip().strip("*$").strip()
-        for pat in patterns:
-            m = re.search(pat, cand, flags=0 if not pat.startswith(r"\b") else re.I)
+        m = re.fullmatch(rf"\(?([{valid}{valid.lower()}])\)?[.:)]?", cand)
+        if m:
+            return m.group(1).upper()
+        for pat, flags in ((rf"^\(?({cls})[.:)]\s", 0), (rf"^\(({cls})\)", 0),
+                           (rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\b\)?", re.I)):
+            m = re.search(pat, cand, flags)
             if m and m.group(1) in valid:
                 return m.group(1)
-    return None
+    loose = re.findall(rf"(?<![\w'])\(?({cls})\)?(?![\w'])(?!\s+(?!is\b|was\b)[a-z])", text)
+    return loose[-1] if loose else None
 
 
 def choice_by_text(text: str, choices: list[str]) -> int | None:
