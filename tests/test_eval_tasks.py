@@ -69,6 +69,8 @@ def test_three_layouts_give_the_same_examples(layouts: dict[str, dict[str, Path]
     for other in loaded[1:]:
         assert [(e.doc_id, e.sub, e.question, e.references, e.groups, e.image_sizes) for e in other.examples] == [
             (e.doc_id, e.sub, e.question, e.references, e.groups, e.image_sizes) for e in first.examples]
+    for data in loaded:   # no image bytes held: read again from the dataset (or the file) when requested
+        assert all(ref.data is None for e in data.examples for ref in e.images)
     task = first.task
     req = task.request(first.examples[0])
     assert len(req.images) == 1 and req.images[0].mode == "RGB"

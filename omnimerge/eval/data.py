@@ -21,8 +21,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +48,26 @@ class DataError(OmniMergeError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An undecoded image: its encoded bytes, or the path of its file."""
+    """An undecoded image: its encoded bytes, the path of its file, or a loader that reads it again from the
+    (memory-mapped) dataset when needed, so a loaded split does not hold every image's bytes."""
 
     data: bytes | None = None
     path: str | None = None
+    loader: Callable[[], ImageRef] | None = field(default=None, compare=False, repr=False)
+    where: str | None = None
 
     def open(self):  # type: ignore[no-untyped-def]
         from PIL import Image
 
+        if self.loader is not None:
+            return self.loader().open()
         if self.data is not None:
             return Image.open(io.BytesIO(self.data))
         assert self.path is not None
         return Image.open(self.path)
 
     def describe(self) -> str:
-        return self.path if self.path else f"<{len(self.data or b'')} bytes>"
+        return self.path or self.where or f"<{len(self.data or b'')} bytes>"
 
 
 def decode_image(ref: ImageRef):  # type: ignore[no-untyped-def]
@@ -136,6 +141,7 @@ class Rows:
         self.base_dir = base_dir
         self._records = records
         self._ds = _undecoded(dataset) if dataset is not None else None
+        self._views: dict[tuple[str, ...], Any] = {}
 
     @property
     def columns(self) -> list[str]:
@@ -165,8 +171,12 @@ class Rows:
     def get(self, index: int, columns: Sequence[str]) -> dict[str, Any]:
         """The given columns of row ``index``."""
         if self._ds is not None:
-            cols = [c for c in columns if c in self._ds.column_names]
-            return dict(self._ds.select_columns(cols)[index]) if cols else {}
+            cols = tuple(c for c in columns if c in self._ds.column_names)
+            if not cols:
+                return {}
+            if cols not in self._views:
+                self._views[cols] = self._ds.select_columns(list(cols))
+            return dict(self._views[cols][index])
         rec = (self._records or [])[index]
         return {c: rec.get(c) for c in columns}
 

@@ -242,10 +242,18 @@ class Task:
                 if data.skip_reason is None:
                     data.skip_reason = f"row {ex.doc_id} ({refs[0].describe() if refs else 'empty'}): {e}"
                 continue
-            kept.append(_replace(ex, images=refs, image_sizes=sizes))
+            kept.append(_replace(ex, images=tuple(_lazy(r, lookup, ex, k) for k, r in enumerate(refs)),
+                                 image_sizes=sizes))
         if not kept:
             raise DataError(f"{self.name}: no image of {rows.origin} could be decoded ({data.skip_reason})")
         data.examples = kept
+
+
+def _lazy(ref: ImageRef, lookup: Callable[[Example], tuple[ImageRef, ...]], ex: Example, k: int) -> ImageRef:
+    """A file path is kept as it is; image bytes are not held, but read again from the dataset when needed."""
+    if ref.data is None:
+        return ref
+    return ImageRef(loader=lambda: lookup(ex)[k], where=f"row {ex.doc_id}")
 
 
 def _replace(ex: Example, **changes: Any) -> Example:

@@ -87,7 +87,7 @@ def choice_letter(text: str, n_choices: int) -> str | None:
         if m:
             return m.group(1).upper()
         for pat, flags in ((rf"^\(?({cls})[.:)]\s", 0), (rf"^\(({cls})\)", 0),
-                           (rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\b\)?", re.I)):
+                           (r"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\b\)?", re.I)):
             m = re.search(pat, cand, flags)
             if m and m.group(1) in valid:
                 return m.group(1)
