@@ -236,6 +236,9 @@ def score(
                   splits=_pairs(split, "--split"), image_sources=_pairs(images, "--images"), model=model,
                   min_pixels=min_pixels, max_pixels=max_pixels)
     for name, t in res["tasks"].items():
+        if t["value"] is None:
+            out.print(f"{name}: no prediction scored ({t['skipped_images']} skipped)", highlight=False)
+            continue
         extra = f", parse failures {t['parse_failures']}" if t["parse_failures"] else ""
         skipped = f", {t['skipped_images']} skipped (image)" if t["skipped_images"] else ""
         out.print(f"{name}: {t['metric']} {100 * t['value']:.2f} ± {100 * t['stderr']:.2f} (n={t['n']}"

@@ -162,3 +162,12 @@ def test_score_bad_arguments(cli, harness: dict[str, Path], tmp_path: Path) -> N
     r = _score(cli, harness, "--box-format", "pixels")
     assert r.code == 2 and "unknown box format 'pixels'" in r.text
     assert not harness["out"].exists()
+
+
+def test_score_accepts_task_names_as_typed(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ref = F.save_disk(F.dataset("refcoco_plus"), tmp_path / "rp", "val")
+    preds = _write(tmp_path / "p.jsonl", [{"task": "RefCOCO+", "doc_id": 1, "prediction": "[0, 0, 0.5, 1]"}])
+    r = cli("score", preds, "--data", f"refcoco+={ref}", "--out", tmp_path / "o")
+    assert r.code == 0, r.text
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(res["tasks"]) == ["refcoco_plus"] and res["tasks"]["refcoco_plus"]["value"] == 1.0

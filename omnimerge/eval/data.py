@@ -275,7 +275,8 @@ def open_split(source: str | os.PathLike[str], split: str, config: str | None = 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = (" — it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it on a "
                 "machine with network (or unset HF_HUB_OFFLINE), or pass a local path" if offline else "")
-        raise DataError(f"cannot load {what}: {first[:300]}{hint}") from None
+        raise DataError(f"cannot load {what} (no local file or folder of that name either): {first[:300]}{hint}"
+                        ) from None
     return Rows(f"{text} [{split}]", dataset=ds)
 
 

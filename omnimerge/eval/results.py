@@ -290,17 +290,15 @@ def rescore(
     check_box_format(box_format)
     path = Path(predictions)
     rows = _read_predictions(path)
-    data = dict(data or {})
-    splits = dict(splits or {})
+    data = {get_task(k).name: v for k, v in (data or {}).items()}
+    splits = {get_task(k).name: v for k, v in (splits or {}).items()}
+    image_sources = {get_task(k).name: v for k, v in (image_sources or {}).items()}
     by_task: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     tasks: dict[str, Task] = {}
     for lineno, row in rows:
         task = get_task(str(row["task"]))
         tasks[task.name] = task
         by_task.setdefault(task.name, []).append((lineno, row))
-    for name in list(data):
-        key = get_task(name).name
-        data[key] = data.pop(name)
     per_task: dict[str, Any] = {}
     out_rows: list[dict[str, Any]] = []
     for name, task_rows in by_task.items():
@@ -308,7 +306,7 @@ def rescore(
         if hasattr(task, "min_pixels"):
             task.min_pixels, task.max_pixels = min_pixels, max_pixels  # type: ignore[attr-defined]
         loaded = task.load(data.get(name), split=splits.get(name), images="header" if task.needs_image_size
-                           else "none", image_source=(image_sources or {}).get(name))
+                           else "none", image_source=image_sources.get(name))
         seen: set[tuple[int, int | None]] = set()
         scored: list[Scored] = []
         for lineno, row in task_rows:
