@@ -132,7 +132,7 @@ class Task:
     needs_image_size: ClassVar[bool] = False
     #: breakdown groups whose mean accuracy is the paper's number for this task (MathVista, MATH-Vision)
     paper_groups: ClassVar[tuple[str, ...]] = ()
-    #: where the task follows lmms-eval and where VLMEvalKit (shown by ``omnimerge eval --list``)
+    #: where the task follows lmms-eval and where VLMEvalKit (one line; the module docstring says why)
     provenance: ClassVar[str] = ""
 
     # --- per task ---------------------------------------------------------------------------------------------
