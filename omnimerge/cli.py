@@ -206,6 +206,57 @@ def demo(
     run_demo(out_dir, method, echo=out.print)
 
 
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    from omnimerge.errors import OmniMergeError
+
+    out: dict[str, str] = {}
+    for v in values or []:
+        key, sep, val = v.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise OmniMergeError(f"{option} {v!r}: expected TASK=VALUE")
+        out[key.strip()] = val.strip()
+    return out
+
+
+@app.command()
+def score(
+    predictions: Annotated[Path, typer.Argument(help="a JSONL of predictions (rows with task, doc_id, prediction; "
+                                                     "expression / question_index where a row holds several)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where results.json, predictions.jsonl, results.md go")],
+    data: Annotated[list[str] | None, typer.Option("--data", help="TASK=PATH (save_to_disk folder, parquet, "
+                                                   "JSONL or hub id); default: the task's hub id, from the "
+                                                   "local HF cache")] = None,
+    box_format: Annotated[str, typer.Option("--box-format", help="how the model writes boxes: qwen2vl, "
+                                            "qwen25vl, internvl, normalized")] = "normalized",
+    split: Annotated[list[str] | None, typer.Option("--split", help="TASK=SPLIT (default: the task's "
+                                                    "evaluation split)")] = None,
+    images: Annotated[list[str] | None, typer.Option("--images", help="TASK=PATH: a separate image table "
+                                                     "(GQA's testdev_balanced_images)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="the row name in results.md")] = None,
+    min_pixels: Annotated[int | None, typer.Option("--min-pixels", help="qwen25vl: the processor's min_pixels, "
+                                                   "to recompute resized sizes")] = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="qwen25vl: the processor's "
+                                                   "max_pixels")] = None,
+) -> None:
+    """Score predictions made by any harness against the tasks' data (results.json, scored predictions)."""
+    from omnimerge.eval.results import rescore
+
+    res = rescore(predictions, _pairs(data, "--data"), out_dir, box_format=box_format,
+                  splits=_pairs(split, "--split"), image_sources=_pairs(images, "--images"), model=model,
+                  min_pixels=min_pixels, max_pixels=max_pixels)
+    for name, t in res["tasks"].items():
+        if t["value"] is None:
+            out.print(f"{name}: no prediction scored ({t['skipped_images']} skipped)", highlight=False)
+            continue
+        extra = f", parse failures {t['parse_failures']}" if t["parse_failures"] else ""
+        skipped = f", {t['skipped_images']} skipped (image)" if t["skipped_images"] else ""
+        out.print(f"{name}: {t['metric']} {100 * t['value']:.2f} ± {100 * t['stderr']:.2f} (n={t['n']}"
+                  f"{extra}{skipped})", highlight=False)
+    if res["overall"]["value"] is not None:
+        out.print(f"overall {100 * res['overall']['value']:.2f} over {len(res['overall']['tasks'])} task(s) "
+                  f"-> {out_dir}", highlight=False)
+
+
 def _register_plugins() -> None:
     try:
         from omnimerge.bench.cli import register
