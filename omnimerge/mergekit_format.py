@@ -57,6 +57,19 @@ def is_mergekit_recipe(data: Any) -> bool:
     return "base_model" not in data and bool(data.get("models"))  # mergekit allows no base (e.g. linear)
 
 
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """A parameters block: absent/empty -> {}; anything but a mapping is refused by name."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping of parameter names to values, got {value!r}")
+    return value
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _resolve(key: str, where: str, value: Any) -> Any:
     """A mergekit parameter setting as an omnimerge value: scalar, list (schedule) or catch-all filter."""
     if isinstance(value, dict):
@@ -84,17 +97,19 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         if key in data:
             raise RecipeError(f"{source}: {key}: mergekit's {key} (layer-range merges) are not translated yet")
     method = data.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{source}: merge_method: expected one of mergekit's methods "
                           f"({', '.join(sorted(METHODS))}), got {method!r}")
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{source}: models: a list of models is required")
     base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise RecipeError(f"{source}: base_model: expected a model path or hub id, got {base!r}")
     if not base:
         raise RecipeError(f"{source}: base_model: omnimerge needs a base model (mergekit's {method} without "
                           f"one has no equivalent)")
-    top = dict(data.get("parameters") or {})
+    top = dict(_mapping(data.get("parameters"), f"{source}: parameters"))
     shared: dict[str, Any] = {}
     for key in ("normalize", "int8_mask"):
         if key in top:
@@ -108,7 +123,7 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         if not isinstance(m, dict) or "model" not in m:
             raise RecipeError(f"{source}: models[{i}]: expected a mapping with a 'model' key")
         where = f"{source}: models[{i}].parameters"
-        params = {**top, **(m.get("parameters") or {})}
+        params = {**top, **_mapping(m.get("parameters"), f"{where}")}
         entry: dict[str, Any] = {"model": str(m["model"])}
         if m["model"] == base:
             if method == "linear" and params.get("weight"):
@@ -135,6 +150,9 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         params_out[k] = vals[0]
     if method in _DARE and "density" in params_out:
         d = params_out.pop("density")
+        if not (_number(d) or (isinstance(d, list) and d and all(_number(x) for x in d))):
+            raise RecipeError(f"{source}: parameters.density: expected a number in [0, 1] or a list of them, "
+                              f"got {d!r}")
         params_out["drop_rate"] = [1 - x for x in d] if isinstance(d, list) else 1 - d
         if method == "dare_ties":
             params_out["density"] = 1.0  # mergekit's dare_ties trims at random only

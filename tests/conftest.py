@@ -19,7 +19,7 @@ try:  # the fuzzing tests' profiles: a short one for CI (default), HYPOTHESIS_PR
 
     _common = dict(deadline=None, database=None, derandomize=False, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    settings.register_profile("ci", max_examples=50, **_common)
+    settings.register_profile("ci", max_examples=50, **{**_common, "derandomize": True})
     settings.register_profile("long", max_examples=2000, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a dev dependency; only the fuzzing tests need it

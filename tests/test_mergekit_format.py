@@ -84,6 +84,13 @@ def test_top_level_parameters_are_per_model_defaults_and_catch_all_filters() -> 
     ({"colour": "blue"}, "colour"),
     ({"merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "x"}]},
      "models[0]"),
+    # wrong types are refused by name, not as a TypeError (found by the recipe fuzz test)
+    ({"merge_method": []}, "merge_method"),
+    ({"merge_method": {"ties": 1}}, "merge_method"),
+    ({"parameters": [1, 2]}, "parameters"),
+    ({"models": [{"model": "x", "parameters": "dense"}]}, "models[0].parameters"),
+    ({"base_model": ["b"]}, "base_model"),
+    ({"merge_method": "dare_ties", "models": [{"model": "x", "parameters": {"density": "half"}}]}, "density"),
 ])
 def test_rejections_name_the_key(change: dict, key: str) -> None:
     data = {"base_model": "b", "merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": 1}}],
