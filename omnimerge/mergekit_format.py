@@ -76,8 +76,9 @@ def _resolve(key: str, where: str, value: Any) -> Any:
         value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for cond in value:
-            if set(cond) - {"filter", "value"}:
-                raise RecipeError(f"{where}.{key}: a filtered entry has keys filter and value, got {sorted(cond)}")
+            if set(cond) - {"filter", "value"} or "value" not in cond:
+                raise RecipeError(f"{where}.{key}: a filtered entry has keys filter and value, "
+                                  f"got {sorted(map(str, cond))}")
             if cond.get("filter") in (None, "*"):
                 if cond is value[0]:
                     return _resolve(key, where, cond["value"])

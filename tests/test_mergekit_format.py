@@ -90,6 +90,7 @@ def test_top_level_parameters_are_per_model_defaults_and_catch_all_filters() -> 
     ({"parameters": [1, 2]}, "parameters"),
     ({"models": [{"model": "x", "parameters": "dense"}]}, "models[0].parameters"),
     ({"base_model": ["b"]}, "base_model"),
+    ({"parameters": {"lambda": 0.5, "scaling": {}}}, "scaling"),
     ({"merge_method": "dare_ties", "models": [{"model": "x", "parameters": {"density": "half"}}]}, "density"),
 ])
 def test_rejections_name_the_key(change: dict, key: str) -> None:
