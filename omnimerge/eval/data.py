@@ -210,9 +210,15 @@ def _parquet_rows(files: list[Path], origin: str) -> Rows:
     return Rows(origin, dataset=datasets.Dataset(table))
 
 
-def _jsonl_rows(path: Path) -> Rows:
+def read_jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file with their line numbers (blank lines skipped); a line that is not a JSON
+    object is a one-line error naming the file and line."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115  (closed by the with below; open errors named here)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -222,8 +228,12 @@ def _jsonl_rows(path: Path) -> Rows:
                 raise DataError(f"{path}:{lineno}: not a JSON object: {e.msg}") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(rec).__name__}")
-            records.append(rec)
-    return Rows(str(path), records=records, base_dir=path.parent)
+            records.append((lineno, rec))
+    return records
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    return Rows(str(path), records=[rec for _, rec in read_jsonl_objects(path)], base_dir=path.parent)
 
 
 def _split_parquets(folder: Path, split: str) -> list[Path]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from omnimerge.errors import OmniMergeError, OutputError
+from omnimerge.eval.data import read_jsonl_objects
 from omnimerge.eval.metrics import mean_stderr
 from omnimerge.eval.protocol import Generation
 from omnimerge.eval.registry import (
@@ -43,6 +44,7 @@ __all__ = [
     "rescore",
     "task_result",
     "write_outputs",
+    "write_table",
 ]
 
 
@@ -229,9 +231,28 @@ def write_outputs(out: str | os.PathLike[str], results: Mapping[str, Any], rows:
 
     try:
         _atomic_write(paths["predictions"], w_rows)
-        _atomic_write(paths["markdown"], lambda p: p.write_text(render_markdown(table), encoding="utf-8"))
-        _atomic_write(paths["plot"], lambda p: _plot(table, p))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
+    write_table(out, table)
+    try:
         _atomic_write(paths["results"], w_json)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
+    return paths
+
+
+def write_table(out: str | os.PathLike[str], results: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+    """``OUT/results.md`` (one row per results object, columns = capabilities) and ``OUT/results.png``,
+    each written to a temporary name and renamed into place."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output folder: {e.strerror}") from None
+    paths = {"markdown": out / "results.md", "plot": out / "results.png"}
+    try:
+        _atomic_write(paths["markdown"], lambda p: p.write_text(render_markdown(results), encoding="utf-8"))
+        _atomic_write(paths["plot"], lambda p: _plot(results, p))
     except OSError as e:
         raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
     return paths
@@ -250,22 +271,12 @@ def build_results(model: str, per_task: Mapping[str, Mapping[str, Any]], box_for
 def _read_predictions(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise OmniMergeError(f"{path}: no such predictions file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OmniMergeError(f"{path}:{lineno}: not a JSON object: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise OmniMergeError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}")
-            for key in ("task", "doc_id", "prediction"):
-                if key not in row:
-                    raise OmniMergeError(f"{path}:{lineno}: the row has no '{key}' (rows need task, doc_id, "
-                                         "prediction)")
-            rows.append((lineno, row))
+    rows = read_jsonl_objects(path)
+    for lineno, row in rows:
+        for key in ("task", "doc_id", "prediction"):
+            if key not in row:
+                raise OmniMergeError(f"{path}:{lineno}: the row has no '{key}' (rows need task, doc_id, "
+                                     "prediction)")
     if not rows:
         raise OmniMergeError(f"{path}: no predictions in the file")
     return rows
