@@ -244,6 +244,104 @@ def score(
     res = rescore(predictions, _pairs(data, "--data"), out_dir, box_format=box_format,
                   splits=_pairs(split, "--split"), image_sources=_pairs(images, "--images"), model=model,
                   min_pixels=min_pixels, max_pixels=max_pixels)
+    _print_results(res, out_dir)
+
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="what to evaluate: checkpoint folders or hub ids in the local "
+                                                "cache, PEFT adapter folders, or merge recipes (YAML, merged in "
+                                                "memory); several give one row each in results.md")],
+    tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated task names (chartqa,textvqa,"
+                                              "refcoco,...), capability groups (vqa, geometry, chart, ocr, "
+                                              "grounding) or 'paper' (the paper's ten sets)")] = None,
+    suite: Annotated[str | None, typer.Option("--suite", help="a suite instead of tasks: 'mini' (the miniature "
+                                              "benchmark's five tasks, on its own checkpoints)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where results.json, predictions.jsonl, "
+                                                 "results.md, results.png go (one subfolder per model when "
+                                                 "several); with --tasks")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="TASK=PATH (save_to_disk folder, parquet, "
+                                                   "JSONL or hub id); default: the task's hub id, from the "
+                                                   "local HF cache")] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="SPLIT for every task, or TASK=SPLIT "
+                                                    "(default: each task's evaluation split; the mini suite: "
+                                                    "test)")] = None,
+    images: Annotated[list[str] | None, typer.Option("--images", help="TASK=PATH: a separate image table "
+                                                     "(GQA's testdev_balanced_images)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "--n", help="a seeded sample of this many examples "
+                                              "per task (the mini suite: 500 by default)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="the seed of the --limit sample")] = 0,
+    base: Annotated[str | None, typer.Option("--base", help="the base model of a PEFT adapter (default: "
+                                             "its adapter_config.json's)")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16, float16 (default: float32 "
+                                              "on CPU, bfloat16 on CUDA)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="requests per generate call")] = 8,
+    box_format: Annotated[str, typer.Option("--box-format", help="auto (from the model's config), qwen2vl, "
+                                            "qwen25vl, internvl, normalized")] = "auto",
+    min_pixels: Annotated[int | None, typer.Option("--min-pixels", help="the processor's min_pixels "
+                                                   "(Qwen2-VL/2.5-VL)")] = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="the processor's max_pixels "
+                                                   "(Qwen2-VL/2.5-VL)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="the mini suite: also write its scores as "
+                                                  "JSON here")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+) -> None:
+    """Evaluate models (or merges, in memory) on the paper's benchmarks: results per task, capability, overall."""
+    from omnimerge.errors import OmniMergeError
+
+    if (tasks is None) == (suite is None):
+        raise OmniMergeError("eval: give --tasks (the paper's benchmarks) or --suite mini, one of them")
+    if suite is not None:
+        from omnimerge.eval.suites import get_suite
+
+        run = get_suite(suite)
+        if len(models) != 1 or len(split or []) > 1:
+            raise OmniMergeError(f"--suite {suite}: one model and at most one --split")
+        run(Path(models[0]), split=(split or ["test"])[0], n=500 if limit is None else limit, json_out=json_out)
+        return
+    if out_dir is None:
+        raise OmniMergeError("eval --tasks: --out DIR is required (results.json, predictions.jsonl go there)")
+    _eval_tasks(models, tasks or "", out_dir, data, split, images, limit, seed, base, device, dtype, batch_size,
+                box_format, min_pixels, max_pixels, progress)
+
+
+def _eval_tasks(models: list[str], tasks: str, out_dir: Path, data: list[str] | None, split: list[str] | None,
+                images: list[str] | None, limit: int | None, seed: int, base: str | None, device: str,
+                dtype: str | None, batch_size: int, box_format: str, min_pixels: int | None,
+                max_pixels: int | None, progress: bool) -> None:
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.eval.results import write_table
+    from omnimerge.eval.runner import evaluate, model_name
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise OmniMergeError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    one = [v for v in split or [] if "=" not in v]
+    if len(one) > 1 or (one and len(split or []) > 1):
+        raise OmniMergeError("--split: give one SPLIT for every task, or TASK=SPLIT entries, not both")
+    splits: dict[str, str] | str | None = one[0] if one else _pairs(split, "--split")
+    names = [model_name(m) for m in models]
+    dirs = [out_dir] if len(models) == 1 else [out_dir / _unique(n, names[:i]) for i, n in enumerate(names)]
+    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    done: list[dict] = []
+    for m, d in zip(models, dirs, strict=True):
+        res = evaluate(m, tasks.split(","), out=d, data=_pairs(data, "--data"), splits=splits,
+                       image_sources=_pairs(images, "--images"), limit=limit, seed=seed, base=base, device=device,
+                       dtype=dtype, batch_size=batch_size, box_format=box_format, processor_kwargs=kwargs or None,
+                       progress=progress, name=d.name if len(models) > 1 else None)
+        done.append(res)
+        _print_results(res, d)
+    if len(models) > 1:
+        write_table(out_dir, done)
+        out.print(f"{len(done)} models -> {out_dir / 'results.md'}", highlight=False)
+
+
+def _unique(name: str, before: list[str]) -> str:
+    return name if name not in before else f"{name}-{before.count(name) + 1}"
+
+
+def _print_results(res: dict, where: Path) -> None:
     for name, t in res["tasks"].items():
         if t["value"] is None:
             out.print(f"{name}: no prediction scored ({t['skipped_images']} skipped)", highlight=False)
@@ -253,9 +351,9 @@ def score(
         out.print(f"{name}: {t['metric']} {100 * t['value']:.2f} ± {100 * t['stderr']:.2f} (n={t['n']}"
                   f"{extra}{skipped})", highlight=False)
     if res["overall"]["value"] is not None:
-        out.print(f"overall {100 * res['overall']['value']:.2f} over {len(res['overall']['tasks'])} task(s) "
-                  f"-> {out_dir}", highlight=False)
-
+        out.print(f"{res['model']}: overall {100 * res['overall']['value']:.2f} ± "
+                  f"{100 * res['overall']['stderr']:.2f} over {len(res['overall']['tasks'])} task(s) -> {where}",
+                  highlight=False)
 
 def _register_plugins() -> None:
     try:

@@ -110,13 +110,10 @@ def test_results_files_have_the_right_shape(quick_run: tuple[Path, dict]) -> Non
 
 
 def test_eval_command_on_a_zoo_checkpoint(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from omnimerge.bench.cli import register
+    from omnimerge.cli import app
 
-    app = typer.Typer()
-    register(app)
     js = tmp_path / "scores.json"
     r = CliRunner().invoke(app, ["eval", str(quick_run[1]["zoo_root"] / "full" / "ocr"), "--suite", "mini",
                                  "--n", "8", "--json", str(js)])

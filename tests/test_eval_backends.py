@@ -22,7 +22,7 @@ from PIL import Image
 
 torch.set_num_threads(1)
 
-from tiny_vlms import FAMILIES, save_tiny_vlm  # noqa: E402
+from tiny_vlms import FAMILIES, save_family, save_tiny_vlm  # noqa: E402
 
 from omnimerge.errors import CheckpointError, OmniMergeError  # noqa: E402
 from omnimerge.eval.backends import TransformersBackend  # noqa: E402
@@ -172,18 +172,7 @@ def test_peft_adapter_loads_on_its_base(zoo: dict[str, Path], tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def family_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    import transformers as T
-
-    from omnimerge.examples import make_expert
-
-    root = tmp_path_factory.mktemp("family")
-    base = T.AutoModelForImageTextToText.from_pretrained(zoo["qwen2_vl"])
-    experts = []
-    for i in range(2):
-        d = root / f"expert{i}"
-        make_expert(base, seed=100 + i, scale=0.5).save_pretrained(d)
-        experts.append(d)
-    return zoo["qwen2_vl"], experts
+    return zoo["qwen2_vl"], save_family(zoo["qwen2_vl"], tmp_path_factory.mktemp("family"))
 
 
 def test_recipe_in_memory_equals_written_checkpoint(family_dir: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -160,3 +160,22 @@ def save_tiny_vlm(family: str, out: Path, seed: int = 0) -> Path:
     extra = {"image_seq_length": proc.image_seq_length} if hasattr(proc, "image_seq_length") else {}
     (out / "processor_config.json").write_text(json.dumps({"processor_class": type(proc).__name__, **extra}))
     return out
+
+
+def save_family(base_dir: Path, root: Path, n: int = 2, scale: float = 0.5) -> list[Path]:
+    """``n`` full fine-tuned experts of the checkpoint in ``base_dir`` (seeded random task vectors), saved under
+    ``root/expert<i>``: a family to merge."""
+    import transformers as T
+
+    from omnimerge.examples import make_expert
+
+    base = T.AutoModelForImageTextToText.from_pretrained(base_dir)
+    experts = []
+    for i in range(n):
+        d = Path(root) / f"expert{i}"
+        make_expert(base, seed=100 + i, scale=scale).save_pretrained(d)
+        for f in Path(base_dir).iterdir():  # the processor files a fine-tuned checkpoint ships with
+            if f.is_file() and not f.name.startswith(("model", "config.json", "generation_config")):
+                (d / f.name).write_bytes(f.read_bytes())
+        experts.append(d)
+    return experts

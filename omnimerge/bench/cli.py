@@ -1,4 +1,4 @@
-"""CLI commands of the benchmark: ``bench``, ``eval MODEL --suite mini`` and ``zoo build|info``.
+"""CLI commands of the benchmark: ``bench``, ``zoo build|info``, and the ``mini`` suite of ``omnimerge eval``.
 
 The core CLI calls :func:`register`; nothing heavy is imported until a command runs.
 """
@@ -86,17 +86,14 @@ def bench(
                   + (", results.csv)" if len(seed_list) == 1 else "; each seed's run in seed-<s>/)"))
 
 
-def eval_cmd(
-    model: Path = typer.Argument(..., help="checkpoint folder (or peft adapter folder)"),
-    suite: str = typer.Option("mini", "--suite", help="evaluation suite (only 'mini')"),
-    split: str = typer.Option("test", "--split", help="test or validation"),
-    n: int = typer.Option(500, "--n", help="examples per task"),
-    json_out: Path | None = typer.Option(None, "--json", help="also write the scores as JSON here"),
-) -> None:
-    """Evaluate a checkpoint on the mini suite (the bench's five tasks)."""
+def mini_suite(model: Path, *, split: str = "test", n: int = 500, json_out: Path | None = None) -> None:
+    """Evaluate a checkpoint (or peft adapter folder) on the mini suite (the bench's five tasks):
+    ``omnimerge eval MODEL --suite mini [--split test|validation] [--n 500] [--json FILE]``."""
     _env()
-    if suite != "mini":
-        raise typer.BadParameter(f"unknown suite {suite!r} (known: mini)")
+    if split not in ("test", "validation"):
+        raise OmniMergeError(f"--split {split!r}: the mini suite has test and validation")
+    if n < 1:
+        raise OmniMergeError(f"--n {n}: at least one example per task")
     import json
 
     import torch
@@ -167,7 +164,9 @@ def zoo_info(quick: bool = typer.Option(False, "--quick", help="the CI-size zoo"
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``bench``, ``eval`` and the ``zoo`` sub-commands to the omnimerge CLI."""
+    """Add ``bench`` and the ``zoo`` sub-commands to the omnimerge CLI, and the ``mini`` suite to ``eval``."""
     app.command("bench")(bench)
-    app.command("eval")(eval_cmd)
+    from omnimerge.eval.suites import register_suite
+
+    register_suite("mini", mini_suite)
     app.add_typer(zoo_app, name="zoo")
