@@ -206,6 +206,63 @@ def demo(
     run_demo(out_dir, method, echo=out.print)
 
 
+@app.command()
+def convert(
+    recipe: Annotated[Path, typer.Argument(help="a recipe (omnimerge's or mergekit's format, detected)")],
+    to: Annotated[str, typer.Option("--to", help="omnimerge or mergekit")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write here (default: print)")] = None,
+    source_format: Annotated[str, typer.Option("--from", help="auto (detect), omnimerge or mergekit")] = "auto",
+) -> None:
+    """Write the equivalent recipe in the other format; what computes differently is listed as comments."""
+    import yaml
+
+    from omnimerge import mergekit_format
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.recipe import load_recipe, load_yaml
+
+    if to not in ("omnimerge", "mergekit"):
+        raise OmniMergeError(f"--to {to!r}: expected omnimerge or mergekit")
+    try:
+        text = recipe.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise OmniMergeError(f"{recipe}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
+    if source_format not in ("auto", "omnimerge", "mergekit"):
+        raise OmniMergeError(f"--from {source_format!r}: expected auto, omnimerge or mergekit")
+    source = source_format
+    if source == "auto":
+        source = "mergekit" if mergekit_format.is_mergekit_recipe(load_yaml(text, str(recipe))) else "omnimerge"
+    if source == to:
+        raise OmniMergeError(f"{recipe}: already a{'n' if to == 'omnimerge' else ''} {to} recipe")
+    r = load_recipe(recipe, fmt=source)  # type: ignore[arg-type]
+    if to == "omnimerge":
+        data = r.model_dump(exclude={"base_dir"}, exclude_none=True)
+        for key in ("modifiers", "task_models"):
+            if not data.get(key):
+                data.pop(key, None)
+        diffs = [d.removeprefix("mergekit recipe: ") for d in r.differences]
+    else:
+        data, diffs = mergekit_format.to_mergekit(r)
+    head = f"# converted by omnimerge from {recipe.name} ({source} format)\n"
+    head += "".join(f"# differs: {d}\n" for d in diffs)
+    body = head + yaml.safe_dump(data, sort_keys=False)
+    if output is None:
+        typer.echo(body, nl=False)
+        return
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        os.replace(tmp, output)
+    except OSError as e:
+        raise OmniMergeError(f"{output}: cannot write the recipe ({e.strerror or e})") from None
+    out.print(f"{to} recipe -> {output}", highlight=False, markup=False)
+    for d in diffs:
+        out.print(f"differs: {d}", highlight=False, markup=False)
+
+
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     from omnimerge.errors import OmniMergeError
 

@@ -198,3 +198,93 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     if unknown:
         raise RecipeError(f"{source}: {sorted(unknown)[0]}: unknown mergekit key")
     return recipe, diffs
+
+
+# --- omnimerge -> mergekit -------------------------------------------------------------------------------------
+
+#: omnimerge method -> mergekit method
+TO_MERGEKIT: dict[str, str] = {om: mk for mk, om in METHODS.items()}
+_EVERYTHING = {".*", "^.*$", ".+", ""}
+
+
+def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
+    """An omnimerge :class:`~omnimerge.recipe.Recipe` -> (mergekit recipe mapping, stated differences).
+
+    Every parameter is written out at its effective value (omnimerge's defaults are not mergekit's: TIES's
+    scaling 0.3 and density 0.2 against mergekit's lambda 1 and density 1). What mergekit cannot express raises
+    :class:`RecipeError` naming the key: methods mergekit lacks, modifiers, LoRA or modality output, per-task
+    models, DARE-TIES with a magnitude trim besides the random drop, a non-tensor granularity."""
+    from omnimerge.methods import registry
+
+    src = "recipe"
+    method = recipe.merge_method
+    if method not in TO_MERGEKIT:
+        raise RecipeError(f"{src}: merge_method: '{method}' has no mergekit equivalent (mergekit has: "
+                          f"{', '.join(sorted(TO_MERGEKIT))})")
+    for key, bad, why in (("modifiers", bool(recipe.modifiers), "composed modifiers"),
+                          ("output", recipe.output != "full", "LoRA output"),
+                          ("mode", recipe.mode != "capability", "modality merging"),
+                          ("task_models", bool(recipe.task_models), "per-task models")):
+        if bad:
+            raise RecipeError(f"{src}: {key}: mergekit has no {why}")
+    mk = TO_MERGEKIT[method]
+    spec = registry()[method]
+    defaults = {p.name: p.default for p in spec.params}
+    top = {k: v for k, v in {**defaults, **recipe.parameters}.items() if k != "weight"}
+    diffs: list[str] = []
+    params: dict[str, Any] = {}
+    for k, v in top.items():
+        if v is None:
+            raise RecipeError(f"{src}: parameters.{k}: required by {method} and not set")
+        if k == "scaling":
+            params["lambda"] = v
+        elif k == "drop_rate":
+            params["density"] = [1 - x for x in v] if isinstance(v, list) else 1 - v
+        elif k == "density" and method == "dare_ties":
+            if v != 1.0:
+                raise RecipeError(f"{src}: parameters.density: {v}: omnimerge's dare_ties trims by magnitude "
+                                  f"before the random drop; mergekit's dare_ties only drops (set density: 1.0)")
+        elif k == "granularity":
+            if v != "tensor":
+                raise RecipeError(f"{src}: parameters.granularity: '{v}' has no mergekit equivalent "
+                                  f"(mergekit trims per tensor)")
+        elif k == "seed":
+            diffs.append(f"parameters.seed: {v}: mergekit draws its random masks from torch's generator "
+                         f"(--random-seed), not omnimerge's counter-based masks: a different random draw")
+        else:
+            params[k] = v
+    if method in ("ties", "dare_ties"):
+        params.setdefault("normalize", True)
+        diffs.append(f"{mk}: entries whose elected sign is 0 and the trimming threshold's ties are handled as "
+                     f"in mergekit, not as in the TIES paper (small differences in a few entries)")
+    if method in ("dare_ties", "dare_ta"):
+        diffs.append(f"{mk}: mergekit rescales the kept entries to keep each tensor's L1 norm, omnimerge by "
+                     f"1/(1 - drop_rate) as the DARE paper")
+    models = []
+    for m in recipe.models:
+        entry: dict[str, Any] = {"model": m.model}
+        extra = set(m.parameters) - {"weight"}
+        if extra:
+            raise RecipeError(f"{src}: models[].parameters.{sorted(extra)[0]}: only weight is per model here")
+        if "weight" in m.parameters or "weight" in defaults:
+            entry["parameters"] = {"weight": m.parameters.get("weight", defaults.get("weight", 1.0))}
+        models.append(entry)
+    out: dict[str, Any] = {"merge_method": mk, "base_model": recipe.base_model, "models": models}
+    if params:
+        out["parameters"] = params
+    out["dtype"] = recipe.dtype
+    if recipe.out_dtype:
+        out["out_dtype"] = recipe.out_dtype
+    # always written: mergekit's default, and a key only mergekit recipes have, so the file reads as mergekit's
+    out["tokenizer_source"] = "base"
+    if recipe.copy_files_from:
+        out["tokenizer_source"] = recipe.copy_files_from
+        diffs.append(f"copy_files_from: {recipe.copy_files_from}: mergekit's tokenizer_source takes its "
+                     f"tokenizer and re-maps embeddings when the vocabularies differ; omnimerge copied files")
+    sel = recipe.select
+    if not (set(sel.include) & _EVERYTHING) or sel.exclude:
+        diffs.append(f"select: {{include: {sel.include}, exclude: {sel.exclude}}}: mergekit merges every tensor; "
+                     f"omnimerge left the others at the base (the vision tower and projector by default)")
+    if str(recipe.shard_size) != "5GB":
+        diffs.append(f"shard_size: {recipe.shard_size}: a mergekit-yaml option, --out-shard-size")
+    return out, diffs

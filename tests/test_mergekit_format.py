@@ -138,3 +138,59 @@ def test_mergekit_task_arithmetic_end_to_end(tmp_path: Path, cli) -> None:  # ty
         changed += not torch.equal(out[k], w0)
     norms = [k for k in sd0 if "norm" in k and not torch.equal(sda[k], sd0[k])]
     assert changed and all(not torch.equal(out[k], sd0[k]) for k in norms)  # mergekit merges norms too
+
+
+# --- omnimerge convert -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("task_arithmetic", {"scaling": 0.4}),
+    ("ties", {}),                                    # omnimerge's defaults (0.3, 0.2) must be written out
+    ("linear", {}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+])
+def test_convert_round_trip_merges_the_same(tmp_path: Path, cli, method: str, params: dict) -> None:  # type: ignore[no-untyped-def]
+    """omnimerge -> mergekit -> omnimerge: the converted-back recipe merges to the same bytes (everything
+    selected, as mergekit merges every tensor)."""
+    from safetensors.torch import load_file
+
+    from omnimerge.examples import build_family
+
+    base, (a, b) = build_family(tmp_path / "fam", arch="qwen2", n_experts=2)
+    omni = {"base_model": str(base), "merge_method": method, "parameters": params, "select": {"include": [".*"]},
+            "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                       {"model": str(b), "parameters": {"weight": 0.6}}]}
+    (tmp_path / "omni.yaml").write_text(yaml.safe_dump(omni))
+    r = cli("convert", tmp_path / "omni.yaml", "--to", "mergekit", "-o", tmp_path / "mk.yaml")
+    assert r.code == 0, r.text
+    mk = yaml.safe_load((tmp_path / "mk.yaml").read_text())
+    assert mk["merge_method"] == method and [m["parameters"]["weight"] for m in mk["models"]] == [1.0, 0.6]
+    if method == "ties":
+        assert mk["parameters"]["lambda"] == 0.3 and mk["parameters"]["density"] == 0.2
+    r = cli("convert", tmp_path / "mk.yaml", "--to", "omnimerge", "-o", tmp_path / "back.yaml")
+    assert r.code == 0, r.text
+    for name in ("omni", "back"):
+        res = cli("merge", tmp_path / f"{name}.yaml", "-o", tmp_path / f"out-{name}", "-q")
+        assert res.code == 0, res.text
+    x = load_file(str(tmp_path / "out-omni" / "model.safetensors"))
+    y = load_file(str(tmp_path / "out-back" / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_convert_names_what_mergekit_lacks(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    def run(recipe: dict, to: str = "mergekit"):  # type: ignore[no-untyped-def]
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        return cli("convert", tmp_path / "r.yaml", "--to", to)
+
+    omni = {"base_model": "b", "models": [{"model": "x"}], "merge_method": "ties"}
+    r = run(omni)
+    assert r.code == 0 and "select:" in r.out and "# differs:" in r.out      # stated, not silent
+    for change, needle in [({"merge_method": "tsv"}, "'tsv' has no mergekit equivalent"),
+                           ({"modifiers": [{"dare": {"drop_rate": 0.5}}]}, "modifiers"),
+                           ({"output": "lora", "rank": 4}, "output"),
+                           ({"merge_method": "dare_ties"}, "parameters.density")]:
+        r = run({**omni, **change})
+        assert r.code == 2 and needle in r.err and len(r.err.strip().splitlines()) == 1, (change, r.err)
+    r = run(omni, "omnimerge")
+    assert r.code == 2 and "already an omnimerge recipe" in r.err
+    r = run(omni, "safetensors")
+    assert r.code == 2 and "--to" in r.err
