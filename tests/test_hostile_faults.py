@@ -23,6 +23,8 @@ import os, signal, sys, time
 import omnimerge.checkpoint.writer as w
 orig = w.ShardedWriter.finish
 SIG = getattr(signal, sys.argv[1])
+# a run under nohup inherits an ignored SIGHUP, which the CLI rightly leaves ignored: start from the default
+signal.signal(SIG, signal.SIG_DFL) if SIG in (signal.SIGTERM, signal.SIGHUP) else None
 def finish(self):
     os.kill(os.getpid(), SIG)
     time.sleep(30)  # the signal arrives first
