@@ -23,8 +23,12 @@ import os, signal, sys, time
 import omnimerge.checkpoint.writer as w
 orig = w.ShardedWriter.finish
 SIG = getattr(signal, sys.argv[1])
-# a run under nohup inherits an ignored SIGHUP, which the CLI rightly leaves ignored: start from the default
-signal.signal(SIG, signal.SIG_DFL) if SIG in (signal.SIGTERM, signal.SIGHUP) else None
+# a run in the background (nohup, `cmd &`) inherits an ignored SIGHUP or SIGINT, which the CLI and Python
+# rightly leave ignored: start from the dispositions of a foreground run
+if SIG in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(SIG, signal.SIG_DFL)
+elif SIG == signal.SIGINT:
+    signal.signal(SIG, signal.default_int_handler)
 def finish(self):
     os.kill(os.getpid(), SIG)
     time.sleep(30)  # the signal arrives first
