@@ -32,6 +32,7 @@ from omnimerge.search.spec import SearchError, SearchPlan, read_search_recipe
 HEARTBEAT_S = 10
 GRACE_S = 40
 JOURNAL = "study.journal"
+JOURNAL_LOCK_GRACE_S = 5
 
 
 def _owner() -> str:
@@ -67,17 +68,33 @@ def open_storage(out: Path, url: str | None) -> Any:
 
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(out / JOURNAL)))
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as e:  # noqa: BLE001 - any driver's error: one line
-        msg = " ".join(str(e).split())[:200]
-        raise SearchError(f"--storage {_hide_password(url)}: cannot open the study database "
-                          f"({type(e).__name__}: {msg})") from None
+        # a killed worker leaves its lock file behind; optuna breaks such a lock after grace_period (30 by
+        # default, every write here holds it for milliseconds)
+        path = str(out / JOURNAL)
+        return optuna.storages.JournalStorage(JournalFileBackend(
+            path, lock_obj=JournalFileOpenLock(path, grace_period=JOURNAL_LOCK_GRACE_S)))
+    import warnings
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                  heartbeat_stale_trial_callback=retry)
+        except (IntegrityError, ProgrammingError):  # workers starting together race to create the tables
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+        except Exception as e:  # noqa: BLE001 - any driver's error: one line
+            msg = " ".join(str(e).split())[:200]
+            raise SearchError(f"--storage {_hide_password(url)}: cannot open the study database "
+                              f"({type(e).__name__}: {msg})") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(plan: SearchPlan, seed: int) -> Any:
@@ -304,7 +321,11 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
     best = {"trial": wt.number, "params": dict(wt.params), "validation": _record(objective.score(model, "validation")),
             "fresh": winner["fresh"], "test": _record(objective.score(model, "test"))}
     baseline: dict[str, Any] = {}
-    top_params, per = dict(plan.recipe.parameters), [dict(m.parameters) for m in plan.recipe.models]
+    # the baseline: the method's defaults for its lambda and every searched coefficient (other values kept)
+    searched = {"scaling"} | {d.param or d.kind for d in plan.dims if d.kind != "weight"}
+    top_params = {k: v for k, v in plan.recipe.parameters.items() if k not in searched}
+    per = [{k: v for k, v in m.parameters.items() if not (k == "weight" and plan.spec.weights is not None)}
+           for m in plan.recipe.models]
     tm.merger.into(model, top_params, per, only_merged=True)
     baseline["default"] = {"parameters": top_params, "validation": _record(objective.score(model, "validation")),
                            "test": _record(objective.score(model, "test"))}
