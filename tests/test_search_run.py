@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
@@ -166,3 +167,25 @@ def test_an_unreachable_storage_is_one_line(cli, tmp_path: Path) -> None:
     assert res.code == 2, res.text
     assert "cannot open the study database" in res.err and "secret" not in res.err
     assert res.err.strip().count("\n") == 0, res.err
+
+
+def test_a_grid_over_a_method_parameter_merges_through_the_engine(quick_zoo, tmp_path: Path) -> None:
+    recipe = search_recipe(tmp_path / "ties.yaml", quick_zoo, weights=None, layer_groups=None, sampler="grid",
+                           grid=2, scaling=[0.5, 1.0], density=[0.2, 0.8], top=1)
+    data = yaml.safe_load(recipe.read_text())
+    data["merge_method"] = "ties"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    s = run_search(recipe, 4, out, echo=lambda m: None)
+    assert s["merge_path"] == "engine"
+    points = {(t["scaling"], t["density"]) for t in
+              (json.loads(json.dumps(r)) for r in csv.DictReader((out / "trials.csv").open()))}
+    assert points == {("0.5", "0.2"), ("0.5", "0.8"), ("1.0", "0.2"), ("1.0", "0.8")}  # every grid point once
+    r = omnimerge.load_recipe(out / "best.yaml")
+    assert r.parameters == {"scaling": s["best"]["params"]["scaling"], "density": s["best"]["params"]["density"]}
+    omnimerge.merge(out / "best.yaml", tmp_path / "merged", hash_inputs=False)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    plan = read_search_recipe(recipe, 4)
+    with TrialMerger(plan, MiniSuiteObjective(plan.spec.objective).load_model(str(quick_zoo.base_dir))) as tm:
+        for name, t in tm.state(s["best"]["params"]).items():
+            assert torch.equal(merged[name], t), name

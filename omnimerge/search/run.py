@@ -114,7 +114,25 @@ def make_sampler(plan: SearchPlan, seed: int) -> Any:
     import numpy as np
 
     grid = {d.name: [float(v) for v in np.linspace(d.low, d.high, plan.spec.grid)] for d in plan.dims}
-    return optuna.samplers.GridSampler(grid, seed=seed)
+    return _AskTellGrid(grid, seed=seed)
+
+
+def _grid_class() -> Any:
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        """optuna's grid sampler without its ``study.stop()`` once the grid is covered: that works inside
+        ``optimize`` only, and here trials are asked and told (the budget, checked to be at least the grid's
+        size, ends the search; a grid point already visited is drawn again, as optuna does when over-asked)."""
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return AskTellGrid
+
+
+def _AskTellGrid(grid: dict[str, list[float]], seed: int) -> Any:  # noqa: N802 - a class made on demand
+    return _grid_class()(grid, seed=seed)
 
 
 def _suggest(trial: Any, plan: SearchPlan) -> dict[str, float]:
@@ -250,7 +268,8 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
                 study.tell(trial, v)
             except BaseException:
                 hb.close()
-                study.tell(trial, state=TrialState.FAIL)
+                if study.trials[trial.number].state == TrialState.RUNNING:
+                    study.tell(trial, state=TrialState.FAIL)
                 raise
             hb.close()
             run_here += 1
