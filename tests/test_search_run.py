@@ -53,7 +53,9 @@ def test_a_short_search_writes_every_output_and_best_yaml_is_what_was_scored(qui
             assert {t["n"] for t in rec[split]["tasks"].values()} == {4}
     assert len(s["top"]) == 2 and s["best"]["trial"] in {t["trial"] for t in s["top"]}
     assert s["baseline"]["grid"]["scaling"] in (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
-    assert s["baseline"]["default"]["parameters"] == {}  # the method's own default lambda and weights
+    assert s["baseline"]["default"]["parameters"] == {"scaling": 0.3}  # task arithmetic's own default lambda
+    # the default baseline is the grid's lambda 0.3 merge (unit weights): the same validation score
+    assert s["baseline"]["grid"]["curve"]["0.3"] == s["baseline"]["default"]["validation"]["mean"]
     assert any("optuna-dashboard" in x for x in lines) and any("trial 4/4" in x and "ETA" in x for x in lines)
 
     # best.yaml is an ordinary recipe holding the searched coefficients, and merges to the scored model

@@ -110,7 +110,11 @@ def make_sampler(plan: SearchPlan, seed: int) -> Any:
     if s == "cmaes":
         x0 = {d.name: (d.low + d.high) / 2 for d in plan.dims}
         sigma0 = min(d.high - d.low for d in plan.dims) / 6
-        return optuna.samplers.CmaEsSampler(x0=x0, sigma0=sigma0, seed=seed)
+        import warnings
+
+        with warnings.catch_warnings():  # x0/sigma0 are deprecated since optuna 4.9 (to go in 6.0, our bound)
+            warnings.simplefilter("ignore", FutureWarning)
+            return optuna.samplers.CmaEsSampler(x0=x0, sigma0=sigma0, seed=seed)
     import numpy as np
 
     grid = {d.name: [float(v) for v in np.linspace(d.low, d.high, plan.spec.grid)] for d in plan.dims}
@@ -340,16 +344,18 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
     best = {"trial": wt.number, "params": dict(wt.params), "validation": _record(objective.score(model, "validation")),
             "fresh": winner["fresh"], "test": _record(objective.score(model, "test"))}
     baseline: dict[str, Any] = {}
-    # the baseline: the method's defaults for its lambda and every searched coefficient (other values kept)
+    # the baseline: the method's defaults for its lambda and every searched coefficient (other values kept;
+    # written out: a Merger's parameters are laid over the recipe's)
+    method = get_method(plan.recipe.merge_method)
+    defaults = {p.name: p.default for p in method.params}
     searched = {"scaling"} | {d.param or d.kind for d in plan.dims if d.kind != "weight"}
-    top_params = {k: v for k, v in plan.recipe.parameters.items() if k not in searched}
-    per = [{k: v for k, v in m.parameters.items() if not (k == "weight" and plan.spec.weights is not None)}
+    top_params = {**plan.recipe.parameters, **{k: defaults[k] for k in searched if k in defaults}}
+    per = [{**m.parameters, **({"weight": defaults["weight"]} if plan.spec.weights is not None else {})}
            for m in plan.recipe.models]
     tm.merger.into(model, top_params, per, only_merged=True)
     baseline["default"] = {"parameters": top_params, "validation": _record(objective.score(model, "validation")),
                            "test": _record(objective.score(model, "test"))}
-    method = get_method(plan.recipe.merge_method)
-    if any(p.name == "scaling" for p in method.params):
+    if "scaling" in defaults:
         from omnimerge.bench.merging import LAMBDA_GRID
 
         curve = {}
