@@ -412,6 +412,28 @@ def _print_results(res: dict, where: Path) -> None:
                   f"{100 * res['overall']['stderr']:.2f} over {len(res['overall']['tasks'])} task(s) -> {where}",
                   highlight=False)
 
+@app.command()
+def search(
+    recipe: Annotated[Path, typer.Argument(help="a merge recipe with a search: section (objective, ranges, sampler)")],
+    trials: Annotated[int, typer.Option("--trials", help="the study's trial budget (across every worker)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where the study journal, best.yaml, trials.csv, "
+                                                       "summary.json and the plots go")],
+    storage: Annotated[str | None, typer.Option("--storage", help="an optuna database URL (e.g. postgresql://...) "
+                                                "shared by several worker processes; default: a journal file in "
+                                                "--out")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="the sampler's seed")] = 0,
+    study_name: Annotated[str | None, typer.Option("--study-name", help="default: the recipe's file name")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="--no-report: run trials only (an extra "
+                                         "worker), write no outputs")] = True,
+) -> None:
+    """Search merge coefficients on validation data (optuna); re-running the same command continues the study."""
+    import_engine()
+    from omnimerge.search.run import run_search
+
+    run_search(recipe, trials, out_dir, storage=storage, seed=seed, study_name=study_name, report=report,
+               echo=lambda m: console.print(escape(str(m)), highlight=False, soft_wrap=True))
+
+
 def _register_plugins() -> None:
     try:
         from omnimerge.bench.cli import register

@@ -257,6 +257,9 @@ class MergeRun:
                 job.cost = 0
             jobs.append(job)
         scheduled = has_schedule(self.kwargs)
+        # the language model's decoder stack(s): the layer stacks that hold language-model linear weights (layer
+        # groups, Steps, apply there only; the vision tower's layers are another stack)
+        decoder = {w[0] for j in jobs if j.component == "language_model" and (w := layer_of(j.canonical))}
         for job in jobs:
             where = layer_of(job.canonical)
             job.num_layers = depth[where[0]] if where is not None else 0
@@ -264,7 +267,8 @@ class MergeRun:
                 job.kwargs = self.kwargs
             elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
                 t = job.layer / (job.num_layers - 1) if job.layer is not None and job.num_layers > 1 else 0.0
-                job.kwargs = at_depth(self.kwargs, t)
+                job.kwargs = at_depth(self.kwargs, t, job.layer, job.num_layers,
+                                      where is not None and where[0] in decoder)
                 if self.method.check is not None:
                     self.method.check(job.kwargs)
         if not any(j.merged for j in jobs):

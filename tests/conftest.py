@@ -59,3 +59,14 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  #
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The miniature benchmark's quick (CI-size) zoo, built once per test session into a temporary cache."""
+    from rich.console import Console
+
+    from omnimerge.bench.zoo import ZooConfig, build_zoo
+
+    root = tmp_path_factory.mktemp("quick-zoo")
+    return build_zoo(ZooConfig.quick_config(0), root=root, console=Console(quiet=True))

@@ -31,8 +31,8 @@ import torch
 from omnimerge.errors import MethodParameterError, quoted
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TaskMasks", "TensorContext",
-           "at_depth", "merge_method", "registry"]
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Steps", "TaskMasks",
+           "TensorContext", "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
 
@@ -59,11 +59,43 @@ class Schedule:
         return list(self.values)
 
 
-def at_depth(kwargs: Mapping[str, Any], t: float) -> dict[str, Any]:
-    """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``."""
+@dataclass(frozen=True)
+class Steps:
+    """A float parameter piecewise constant over the language model's decoder layers (layer groups): with k
+    ``layers`` values and a decoder stack of L layers, layer l takes ``layers[l * k // L]`` (k contiguous
+    blocks, integer arithmetic: every layer gets its group's value exactly); every other tensor (embeddings, final
+    norm, lm_head, the vision tower's layers, the projector) takes ``other``. Written in a recipe as a mapping:
+    ``weight: {layers: [0.2, 0.5, 0.8, 1.0], other: 0.6}``."""
+
+    layers: tuple[float, ...]
+    other: float
+
+    def at(self, layer: int | None, num_layers: int) -> float:
+        """The value of a tensor at ``layer`` of a decoder stack of ``num_layers`` (``layer`` None: not in it)."""
+        if layer is None or num_layers <= 0:
+            return self.other
+        return self.layers[min(layer * len(self.layers) // num_layers, len(self.layers) - 1)]
+
+    def group(self, layer: int | None, num_layers: int) -> int | None:
+        """The group index of that tensor (None: ``other``)."""
+        if layer is None or num_layers <= 0:
+            return None
+        return min(layer * len(self.layers) // num_layers, len(self.layers) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "other": self.other}
+
+
+def at_depth(kwargs: Mapping[str, Any], t: float, layer: int | None = None, num_layers: int = 0,
+             decoder: bool = False) -> dict[str, Any]:
+    """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``, and
+    every :class:`Steps` by its value at ``layer`` of a ``num_layers`` decoder stack (``decoder`` False: the
+    tensor is not in the language model's decoder layers)."""
     def one(v: Any) -> Any:
         if isinstance(v, Schedule):
             return v.at(t)
+        if isinstance(v, Steps):
+            return v.at(layer, num_layers) if decoder else v.other
         if isinstance(v, tuple):
             return tuple(one(x) for x in v)
         return v
@@ -72,7 +104,8 @@ def at_depth(kwargs: Mapping[str, Any], t: float) -> dict[str, Any]:
 
 
 def has_schedule(kwargs: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, Schedule) or (isinstance(v, tuple) and any(isinstance(x, Schedule) for x in v))
+    return any(isinstance(v, Schedule | Steps)
+               or (isinstance(v, tuple) and any(isinstance(x, Schedule | Steps) for x in v))
                for v in kwargs.values())
 
 
@@ -81,6 +114,8 @@ def plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     def one(v: Any) -> Any:
         if isinstance(v, Schedule):
             return v.to_list()
+        if isinstance(v, Steps):
+            return v.to_dict()
         if isinstance(v, tuple):
             return [one(x) for x in v]
         return v
@@ -120,9 +155,22 @@ class Param:
         hb = ")" if (self.high is None or self.high_open) else "]"
         return f"a {self.kind.__name__} in {lb}{lo}, {hi}{hb}"
 
-    def validate(self, value: Any, where: str) -> ParamValue | Schedule:
+    def validate(self, value: Any, where: str) -> ParamValue | Schedule | Steps:
         """Coerce ``value`` to the declared type and check its range; ``where`` names it in errors. A list is a
-        :class:`Schedule` over depth (float parameters only), each value checked."""
+        :class:`Schedule` over depth, a mapping ``{layers: [...], other: x}`` a :class:`Steps` over the decoder's
+        layer groups (float parameters only), each value checked."""
+        if isinstance(value, dict):
+            if self.kind is not float or self.choices is not None:
+                raise MethodParameterError(
+                    f"{where}: '{self.name}' must be {self.describe_range()}, got a mapping (layer groups "
+                    f"{{layers: [...], other: x}} are for float parameters only)")
+            if set(value) != {"layers", "other"} or not isinstance(value["layers"], list | tuple) \
+                    or not value["layers"]:
+                raise MethodParameterError(
+                    f"{where}: '{self.name}': layer groups are written {{layers: [v1, v2, ...], other: v}}, got "
+                    f"{quoted(value, 60)}")
+            vals = tuple(float(self.validate(v, where)) for v in value["layers"])  # type: ignore[arg-type]
+            return Steps(vals, float(self.validate(value["other"], where)))  # type: ignore[arg-type]
         if isinstance(value, list | tuple):
             if self.kind is not float or self.choices is not None:
                 raise MethodParameterError(
