@@ -31,7 +31,8 @@ import torch
 from omnimerge.errors import MethodParameterError, quoted
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "TaskMasks", "TensorContext",
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Statistics", "TaskMasks",
+           "TensorContext",
            "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
@@ -197,6 +198,9 @@ class TensorContext:
         offset: for methods that declare ``elementwise``: the flat index of the first entry of the block they
             are given (the engine may stream a tensor in blocks); 0 for a whole tensor.
         log: a callable for one-line notes the method wants the user to see (printed once per distinct text).
+        statistics: for methods that declare :class:`Statistics`: per expert, this tensor's statistic (float32 on
+            the compute device), or None where the expert's file has none for it (allowed only where the
+            declaration's ``shape`` says the tensor takes none); None for other methods.
     """
 
     name: str
@@ -211,6 +215,7 @@ class TensorContext:
     offset: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
     info: dict[str, Any] = field(default_factory=dict)
+    statistics: Sequence[torch.Tensor | None] | None = None
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name): deterministic whatever order tensors are merged in."""
@@ -234,6 +239,9 @@ class GlobalPass:
     """
 
     passes: int = 1
+    #: whether ``update`` needs the task vectors (False: the engine passes an empty list and reads no weights,
+    #: e.g. a pass over the experts' statistics only)
+    reads_tensors: bool = True
 
     def init(self, num_models: int, params: Mapping[str, Any]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -253,6 +261,22 @@ class GlobalPass:
 
 
 MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The per-expert statistics a data-aware method reads (``models[i].statistics``; see
+    :mod:`omnimerge.checkpoint.statistics`).
+
+    Attributes:
+        kind: the file's ``statistic`` metadata value (``regmean_gram``, ``fisher_diagonal``).
+        shape: ``shape(weight_shape, component) -> expected shape | None``: the statistic's shape for a merged
+            tensor, or None where the method takes no statistic for such a tensor (it then leaves it at the
+            base if the file has none). A merged tensor with an expected shape must be in every expert's file.
+    """
+
+    kind: str
+    shape: Callable[[tuple[int, ...], str], tuple[int, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -330,6 +354,8 @@ class MergeMethod:
     check: Callable[[Mapping[str, Any]], None] | None = None
     #: how many experts the method merges: (at least, at most; None: no limit), checked before any work
     experts: tuple[int, int | None] = (1, None)
+    #: the per-expert statistics the method reads (data-aware methods), or None
+    statistics: Statistics | None = None
 
     @property
     def doc(self) -> str:
@@ -413,6 +439,7 @@ def merge_method(
     capabilities: Capabilities | None = None,
     check: Callable[[Mapping[str, Any]], None] | None = None,
     experts: tuple[int, int | None] = (1, None),
+    statistics: Statistics | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as merge method ``name`` (decorator)."""
 
@@ -431,6 +458,7 @@ def merge_method(
             capabilities=capabilities or Capabilities(),
             check=check,
             experts=experts,
+            statistics=statistics,
         )
         return fn
 
