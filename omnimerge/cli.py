@@ -257,6 +257,67 @@ def score(
                   f"-> {out_dir}", highlight=False)
 
 
+@app.command()
+def stats(
+    expert: Annotated[str, typer.Argument(help="the expert: a checkpoint folder (or a PEFT adapter folder)")],
+    calib: Annotated[str, typer.Option("--calib", help="calibration data: bench:TASK[,TASK...] (the miniature "
+                                       "suite's training split) or a JSONL of prompts (+ images, answers)")],
+    out_file: Annotated[Path, typer.Option("-o", "--out", help="the statistics file to write (.safetensors)")],
+    kind: Annotated[str, typer.Option("--kind", help="gram (RegMean's input Grams) or fisher (diagonal "
+                                      "Fisher)")] = "gram",
+    n: Annotated[int, typer.Option("--n", help="examples (per task for bench:)")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples per forward (Grams; the Fisher "
+                                            "takes one at a time)")] = 8,
+    fisher: Annotated[str, typer.Option("--fisher", help="true (labels drawn from the model) or empirical (the "
+                                        "data's answers)")] = "true",
+    include: Annotated[str | None, typer.Option(help="only weights whose name matches this regex")] = None,
+    exclude: Annotated[str | None, typer.Option(help="leave out weights whose name matches this regex")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option(help="seed of the sampled labels (true Fisher) and the bench data")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing statistics file")] = False,
+) -> None:
+    """Collect an expert's statistics for the data-aware methods (regmean: --kind gram; fisher: --kind fisher)."""
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.eval.models import load_model
+    from omnimerge.stats import collect_fisher, collect_grams, save_statistics
+
+    if kind not in ("gram", "fisher"):
+        raise OmniMergeError(f"--kind: expected gram or fisher, got {kind!r}")
+    if n < 1 or batch_size < 1:
+        raise OmniMergeError("--n and --batch-size must be at least 1")
+    if out_file.exists() and not overwrite:
+        raise OmniMergeError(f"{out_file}: already exists (use --overwrite to replace it)")
+    loaded = load_model(expert, device=device, dtype="float32")
+    bs = batch_size if kind == "gram" else 1
+    if calib.startswith("bench:"):
+        from omnimerge.bench.calibration import SPLIT, bench_batches
+
+        tasks = [t for t in calib[len("bench:"):].split(",") if t]
+        batches = bench_batches(tasks, n, bs, seed)
+        source = {"data": calib, "split": SPLIT, "n_per_task": n}
+    else:
+        from omnimerge.stats.data import jsonl_batches
+
+        path = Path(calib)
+        batches = jsonl_batches(path, loaded.processor, loaded.config, n=n, batch_size=bs, what=f"'{expert}'")
+        from omnimerge.checkpoint.files import file_digest
+
+        source = {"data": str(path.resolve()) if path.is_file() else calib, "n": n,
+                  "data_digest": file_digest(path, "xxh3_128") if path.is_file() else None}
+    model = loaded.model
+    if kind == "gram":
+        res = collect_grams(model, batches, include=include, exclude=exclude)
+    else:
+        res = collect_fisher(model, batches, mode=fisher, seed=seed, include=include, exclude=exclude)
+    weights_from = loaded.path if loaded.path is not None else Path(expert)
+    done = save_statistics(res, out_file, weights_from, manifest={**source, "batch_size": bs, "device": device,
+                                                                  "include": include, "exclude": exclude})
+    count = res.manifest.get("tokens")
+    tokens = sum(count.values()) if isinstance(count, dict) else count
+    out.print(f"[green]done[/] {res.kind}: {len(res.tensors)} tensors, {tokens} tokens, "
+              f"{res.manifest['seconds']:.1f} s -> {escape(str(done))}", highlight=False)
+
+
 def _register_plugins() -> None:
     try:
         from omnimerge.bench.cli import register

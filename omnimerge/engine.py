@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, hash_algorithm, write_model_card
+from omnimerge.checkpoint.names import canonical_name
 from omnimerge.checkpoint.reader import (
     Checkpoint,
     element_size,
@@ -325,7 +326,7 @@ class MergeRun:
             return None
         out: list[torch.Tensor | None] = []
         for sf in self.stat_files:
-            key = job.name if job.name in sf.shapes else job.canonical if job.canonical in sf.shapes else None
+            key = sf.key_of(job.name, job.canonical)
             out.append(None if key is None else sf.read(key).to(self.device))
         return out
 
@@ -347,7 +348,7 @@ class MergeRun:
             if not path.is_absolute() and r.base_path is not None:
                 path = r.base_path / path
             sf = open_statistics(path, spec.kind, who)
-            stray = sorted(k for k in sf.shapes if k not in names)
+            stray = sorted(k for k in sf.shapes if k not in names and canonical_name(k) not in names)
             if stray:
                 raise CheckpointError(f"{who}: {path} has statistics for '{stray[0]}'"
                                       f"{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, which the base "
@@ -356,7 +357,7 @@ class MergeRun:
                 if not job.merged:
                     continue
                 want = spec.shape(tuple(job.meta.shape), job.component)
-                key = job.name if job.name in sf.shapes else job.canonical if job.canonical in sf.shapes else None
+                key = sf.key_of(job.name, job.canonical)
                 if key is None:
                     if want is not None:
                         raise CheckpointError(f"{who}: {path} has no '{spec.kind}' statistic for tensor "

@@ -60,6 +60,21 @@ class StatisticsFile:
         self.kind = kind
         self.shapes = shapes
         self.metadata = metadata
+        self._canon: dict[str, str] | None = None
+
+    def key_of(self, name: str, canonical: str) -> str | None:
+        """The file's key for the tensor ``name`` (its canonical name ``canonical``), or None: the name itself,
+        else a key whose canonical name matches (statistics collected under another transformers version's
+        names)."""
+        if name in self.shapes:
+            return name
+        if canonical in self.shapes:
+            return canonical
+        if self._canon is None:
+            from omnimerge.checkpoint.names import canonical_name
+
+            self._canon = {canonical_name(k): k for k in self.shapes}
+        return self._canon.get(canonical)
 
     @property
     def manifest(self) -> dict[str, Any]:
