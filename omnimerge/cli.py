@@ -287,7 +287,7 @@ def stats(
         raise OmniMergeError("--n and --batch-size must be at least 1")
     if out_file.exists() and not overwrite:
         raise OmniMergeError(f"{out_file}: already exists (use --overwrite to replace it)")
-    loaded = load_model(expert, device=device, dtype="float32")
+    loaded = load_model(expert, device=device)  # float32 on the CPU, bfloat16 on CUDA; sums in float64
     bs = batch_size if kind == "gram" else 1
     if calib.startswith("bench:"):
         from omnimerge.bench.calibration import SPLIT, bench_batches

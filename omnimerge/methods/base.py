@@ -369,7 +369,11 @@ class MergeMethod:
 
     def refusal(self, n_experts: int) -> str | None:
         """Why this method cannot merge ``n_experts`` experts with its default parameters (None: it can). Lists
-        that run every method (the benchmarks) leave out the ones refused, saying why."""
+        that run every method (the benchmarks) leave out the ones refused, saying why. A data-aware method is
+        refused here: it needs each expert's statistics besides the parameters."""
+        if self.statistics is not None:
+            return (f"method '{self.name}' needs each expert's '{self.statistics.kind}' statistics "
+                    f"(models[].statistics, from `omnimerge stats`)")
         try:
             self.resolve({}, [{}] * n_experts)
         except MethodParameterError as e:
