@@ -159,3 +159,72 @@ def test_a_vlm_with_a_text_only_calibration_set_is_refused(bench_experts: list[P
     assert len(res.text.strip().splitlines()) == 1 and not (tmp_path / "s.safetensors").exists()
     res = cli("stats", bench_experts[1], "--calib", "bench:nosuch", "-o", tmp_path / "s.safetensors")
     assert res.code == 2 and "unknown task 'nosuch'" in res.text
+
+
+def test_regmean_plusplus_grams_come_from_the_merged_earlier_layers() -> None:
+    """Layer 0 sees the same inputs as plain RegMean (the experts differ only inside the layers); layer 1's
+    Grams equal those of a model whose layer 0 is the RegMean solve of layer 0 (computed here with
+    torch.linalg.solve) and whose layer 1 is the expert's own, and differ from plain RegMean's."""
+    from omnimerge.stats.plusplus import regmean_plusplus_grams
+
+    base = _llama(0)
+    experts = []
+    for i in (1, 2):
+        e = _llama(0)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in e.named_parameters():
+                if ".layers." in n:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        experts.append(e)
+    data = [[_padded()], [Batch({"input_ids": torch.tensor([[3, 4, 5, 6, 7]]),
+                                 "attention_mask": torch.ones(1, 5, dtype=torch.long)})]]
+    alpha = 0.8
+    pp = regmean_plusplus_grams(base, experts, data, alpha=alpha)
+    plain = [collect_grams(e, d).tensors for e, d in zip(experts, data, strict=True)]
+    l0 = [n for n in plain[0] if ".layers.0." in n]
+    l1 = [n for n in plain[0] if ".layers.1." in n]
+    assert set(pp[0].tensors) == set(l0) | set(l1)
+    for t in range(2):
+        for n in l0:
+            torch.testing.assert_close(pp[t].tensors[n], plain[t][n], rtol=1e-5, atol=1e-7)
+
+    def red(g: torch.Tensor) -> torch.Tensor:
+        g = g.double()
+        return alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+
+    merged0 = {}
+    for n in l0:
+        s = sum(red(p.tensors[n]) for p in pp)
+        rhs = sum(dict(e.named_parameters())[n].detach().double() @ red(p.tensors[n]) for e, p in zip(experts, pp, strict=True))
+        merged0[n] = torch.linalg.solve(s, rhs.T).T.float()  # W s = rhs, s symmetric
+    for t, e in enumerate(experts):
+        own = {k: v.clone() for k, v in e.state_dict().items()}
+        hybrid = {k: (base.state_dict()[k] if ".layers.1." not in k else v) for k, v in own.items()}
+        hybrid.update(merged0)
+        e.load_state_dict(hybrid)
+        want = collect_grams(e, data[t], include=r"layers\.1\.").tensors
+        e.load_state_dict(own)
+        for n in l1:
+            torch.testing.assert_close(pp[t].tensors[n], want[n], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(pp[t].tensors[l1[0]], plain[t][l1[0]], atol=1e-4)
+
+
+def test_stats_plusplus_cli_writes_regmean_files(bench_experts: list[Path], tmp_path: Path,
+                                                 cli) -> None:  # type: ignore[no-untyped-def]
+    base, *experts = bench_experts
+    res = cli("stats-plusplus", base, *experts, "--calib", "bench:vqa", "--calib", "bench:chart", "--n", "2",
+              "--alpha", "0.9", "-o", tmp_path / "pp")
+    assert res.code == 0, res.text
+    files = sorted((tmp_path / "pp").glob("*.safetensors"))
+    assert [f.stem for f in files] == [e.name for e in experts]
+    with safe_open(str(files[0]), "pt") as sf:
+        man = json.loads(sf.metadata()["manifest"])
+        keys = list(sf.keys())
+    assert man["regmean_plusplus"] is True and man["reduce_non_diagonal_ratio"] == 0.9
+    assert all(".layers." in k and "vision" not in k for k in keys)  # the language model's layers only
+    recipe = {"base_model": str(base), "merge_method": "regmean", "parameters": {"reduce_non_diagonal_ratio": 0.9},
+              "models": [{"model": str(e), "statistics": str(f)} for e, f in zip(experts, files, strict=True)]}
+    rp = tmp_path / "r.yaml"
+    rp.write_text(yaml.safe_dump(recipe))
+    assert cli("merge", rp, "-o", tmp_path / "out", "-q").code == 0
