@@ -142,6 +142,9 @@ class MergeRun:
                               f"model); use it with mode: modality")
         self.kwargs = self.method.resolve(recipe.parameters, [m.parameters for m in recipe.models])
         spec = self.method.statistics
+        if spec is not None and recipe.mode != "capability":
+            raise RecipeError(f"mode: method '{self.method.name}' reads per-expert statistics, which modality "
+                              f"merging does not pass on yet; use mode: capability")
         for i, m in enumerate(recipe.models):
             if spec is not None and not m.statistics:
                 raise RecipeError(f"models[{i}].statistics: method '{self.method.name}' needs each expert's "

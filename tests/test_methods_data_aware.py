@@ -192,3 +192,10 @@ def test_statistics_of_other_weights_are_refused_by_digest(zoo: dict[str, Any], 
     assert set(_merge(ok)) == set(zoo["base"])  # the recorded digests match: it merges
     swapped = _recipe(zoo, "regmean", [files[1], files[0], files[2]])  # expert 0 given expert 1's statistics
     _refused(cli, swapped, tmp_path, "models[0].statistics", "collected on other weights")
+
+
+def test_modality_mode_is_refused_not_silently_unweighted(zoo: dict[str, Any], tmp_path: Path,
+                                                          cli) -> None:  # type: ignore[no-untyped-def]
+    r = _recipe(zoo, "regmean", _gram_files(zoo))
+    r["mode"] = "modality"
+    _refused(cli, r, tmp_path, "mode:", "statistics")
