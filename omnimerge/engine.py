@@ -262,7 +262,7 @@ class MergeRun:
                 T, es = len(self.experts), element_size(self.compute_dtype)
                 job.cost = (T + 3) * meta.numel * es
                 spec = self.method.statistics
-                want = spec.shape(tuple(meta.shape), comp) if spec is not None else None
+                want = spec.shape(name, tuple(meta.shape), comp) if spec is not None else None
                 if want is not None:  # the experts' statistics, their sum and its factor (float64)
                     job.cost += (T + 4) * math.prod(want) * 8
                 if meta.numel >= FUSED_BLOCK and self._fusable():
@@ -359,7 +359,7 @@ class MergeRun:
             for job in jobs:
                 if not job.merged:
                     continue
-                want = spec.shape(tuple(job.meta.shape), job.component)
+                want = spec.shape(job.canonical, tuple(job.meta.shape), job.component)
                 key = sf.key_of(job.name, job.canonical)
                 if key is None:
                     if want is not None:

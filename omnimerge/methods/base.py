@@ -270,13 +270,13 @@ class Statistics:
 
     Attributes:
         kind: the file's ``statistic`` metadata value (``regmean_gram``, ``fisher_diagonal``).
-        shape: ``shape(weight_shape, component) -> expected shape | None``: the statistic's shape for a merged
+        shape: ``shape(name, weight_shape, component) -> expected shape | None``: the statistic's shape for a merged
             tensor, or None where the method takes no statistic for such a tensor (it then leaves it at the
             base if the file has none). A merged tensor with an expected shape must be in every expert's file.
     """
 
     kind: str
-    shape: Callable[[tuple[int, ...], str], tuple[int, ...] | None]
+    shape: Callable[[str, tuple[int, ...], str], tuple[int, ...] | None]
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from omnimerge.methods.linear import WEIGHT
 # --- RegMean -----------------------------------------------------------------------------------------------------
 
 
-def _gram_shape(shape: tuple[int, ...], component: str) -> tuple[int, ...] | None:
-    """A linear weight (out, in) takes an (in, in) Gram; embeddings and every non-2-D tensor take none."""
-    if len(shape) != 2 or component == "embedding":
+def _gram_shape(name: str, shape: tuple[int, ...], component: str) -> tuple[int, ...] | None:
+    """A linear weight (out, in) takes an (in, in) Gram; embeddings (token, position, patch: the component, or
+    'embed' in the name, as a vision tower's position embedding) and every non-2-D tensor take none."""
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    if len(shape) != 2 or component == "embedding" or "embed" in module:
         return None
     return (shape[1], shape[1])
 
@@ -207,7 +209,7 @@ def regmean(base: torch.Tensor, task_vectors: Sequence[torch.Tensor], ctx: Tenso
 # --- Fisher merging ------------------------------------------------------------------------------------------------
 
 
-def _fisher_shape(shape: tuple[int, ...], component: str) -> tuple[int, ...] | None:
+def _fisher_shape(name: str, shape: tuple[int, ...], component: str) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
