@@ -434,6 +434,116 @@ def search(
                echo=lambda m: console.print(escape(str(m)), highlight=False, soft_wrap=True))
 
 
+@app.command()
+def stats(
+    expert: Annotated[str, typer.Argument(help="the expert: a checkpoint folder (or a PEFT adapter folder)")],
+    calib: Annotated[str, typer.Option("--calib", help="calibration data: bench:TASK[,TASK...] (the miniature "
+                                       "suite's training split) or a JSONL of prompts (+ images, answers)")],
+    out_file: Annotated[Path, typer.Option("-o", "--out", help="the statistics file to write (.safetensors)")],
+    kind: Annotated[str, typer.Option("--kind", help="gram (RegMean's input Grams) or fisher (diagonal "
+                                      "Fisher)")] = "gram",
+    n: Annotated[int, typer.Option("--n", help="examples (per task for bench:)")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples per forward (Grams; the Fisher "
+                                            "takes one at a time)")] = 8,
+    fisher: Annotated[str, typer.Option("--fisher", help="true (labels drawn from the model) or empirical (the "
+                                        "data's answers)")] = "true",
+    include: Annotated[str | None, typer.Option(help="only weights whose name matches this regex")] = None,
+    exclude: Annotated[str | None, typer.Option(help="leave out weights whose name matches this regex")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option(help="seed of the sampled labels (true Fisher) and the bench data")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing statistics file")] = False,
+) -> None:
+    """Collect an expert's statistics for the data-aware methods (regmean: --kind gram; fisher: --kind fisher)."""
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.eval.models import load_model
+    from omnimerge.stats import collect_fisher, collect_grams, save_statistics
+
+    if kind not in ("gram", "fisher"):
+        raise OmniMergeError(f"--kind: expected gram or fisher, got {kind!r}")
+    if n < 1 or batch_size < 1:
+        raise OmniMergeError("--n and --batch-size must be at least 1")
+    if out_file.exists() and not overwrite:
+        raise OmniMergeError(f"{out_file}: already exists (use --overwrite to replace it)")
+    loaded = load_model(expert, device=device)  # float32 on the CPU, bfloat16 on CUDA; sums in float64
+    bs = batch_size if kind == "gram" else 1
+    batches, source = _calibration(calib, loaded, expert, n, bs, seed)
+    model = loaded.model
+    if kind == "gram":
+        res = collect_grams(model, batches, include=include, exclude=exclude)
+    else:
+        res = collect_fisher(model, batches, mode=fisher, seed=seed, include=include, exclude=exclude)
+    weights_from = loaded.path if loaded.path is not None else Path(expert)
+    done = save_statistics(res, out_file, weights_from, manifest={**source, "batch_size": bs, "device": device,
+                                                                  "include": include, "exclude": exclude})
+    count = res.manifest.get("tokens")
+    tokens = sum(count.values()) if isinstance(count, dict) else count
+    out.print(f"[green]done[/] {res.kind}: {len(res.tensors)} tensors, {tokens} tokens, "
+              f"{res.manifest['seconds']:.1f} s -> {escape(str(done))}", highlight=False)
+
+
+def _calibration(calib: str, loaded: object, expert: str, n: int, bs: int, seed: int) -> tuple[object, dict]:
+    """Calibration batches for ``--calib`` (bench:TASKS or a JSONL) and what the manifest records of them."""
+    if calib.startswith("bench:"):
+        from omnimerge.bench.calibration import SPLIT, bench_batches
+
+        tasks = [t for t in calib[len("bench:"):].split(",") if t]
+        return bench_batches(tasks, n, bs, seed), {"data": calib, "split": SPLIT, "n_per_task": n}
+    from omnimerge.checkpoint.files import file_digest
+    from omnimerge.stats.data import jsonl_batches
+
+    path = Path(calib)
+    batches = jsonl_batches(path, loaded.processor, loaded.config, n=n, batch_size=bs,  # type: ignore[attr-defined]
+                            what=f"'{expert}'")
+    return batches, {"data": str(path.resolve()) if path.is_file() else calib, "n": n,
+                     "data_digest": file_digest(path, "xxh3_128") if path.is_file() else None}
+
+
+@app.command("stats-plusplus")
+def stats_plusplus(
+    base: Annotated[str, typer.Argument(help="the base model folder")],
+    experts: Annotated[list[str], typer.Argument(help="the experts' checkpoint folders")],
+    calib: Annotated[list[str], typer.Option("--calib", help="per expert, in order (or one for all): "
+                                             "bench:TASK[,TASK] or a JSONL")],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="folder for one statistics file per expert")],
+    alpha: Annotated[float, typer.Option("--alpha", help="regmean's reduce_non_diagonal_ratio used for the "
+                                         "merged earlier layers (merge with the same value)")] = 0.6,
+    n: Annotated[int, typer.Option("--n", help="examples (per task for bench:)")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option(help="seed of the bench data")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace existing statistics files")] = False,
+) -> None:
+    """RegMean++ Grams: each layer's inputs from the already merged earlier layers (then merge with regmean)."""
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.eval.models import load_model
+    from omnimerge.stats import save_statistics
+    from omnimerge.stats.plusplus import regmean_plusplus_grams
+
+    if len(calib) not in (1, len(experts)):
+        raise OmniMergeError(f"--calib: give one calibration set per expert ({len(experts)}) or one for all, "
+                             f"got {len(calib)}")
+    outs = [out_dir / f"{Path(e.rstrip('/')).name or f'expert{i}'}.safetensors" for i, e in enumerate(experts)]
+    if len(set(outs)) != len(outs):
+        outs = [out_dir / f"expert{i}.safetensors" for i in range(len(experts))]
+    for o in outs:
+        if o.exists() and not overwrite:
+            raise OmniMergeError(f"{o}: already exists (use --overwrite to replace it)")
+    base_m = load_model(base, device=device)
+    loaded = [load_model(e, device=device) for e in experts]
+    data, sources = [], []
+    for i, e in enumerate(experts):
+        batches, src = _calibration(calib[i if len(calib) > 1 else 0], loaded[i], e, n, batch_size, seed)
+        data.append(list(batches))  # type: ignore[call-overload]
+        sources.append(src)
+    res = regmean_plusplus_grams(base_m.model, [lm.model for lm in loaded], data, alpha=alpha,
+                                 log=lambda m: console.print(f"[yellow]note:[/] {escape(str(m))}", highlight=False))
+    for r, lm, e, o, src in zip(res, loaded, experts, outs, sources, strict=True):
+        save_statistics(r, o, lm.path or Path(e), manifest={**src, "batch_size": batch_size, "device": device,
+                                                             "base": str(base)})
+    out.print(f"[green]done[/] RegMean++ Grams for {len(experts)} experts -> {escape(str(out_dir))} (merge with "
+              f"merge_method: regmean, reduce_non_diagonal_ratio: {alpha})", highlight=False)
+
+
 def _register_plugins() -> None:
     try:
         from omnimerge.bench.cli import register

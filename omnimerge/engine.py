@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, hash_algorithm, write_model_card
+from omnimerge.checkpoint.names import canonical_name
 from omnimerge.checkpoint.reader import (
     Checkpoint,
     element_size,
@@ -47,6 +48,7 @@ from omnimerge.checkpoint.reader import (
     resolve_model_path,
 )
 from omnimerge.checkpoint.sources import ExpertSource, FullSource, open_expert
+from omnimerge.checkpoint.statistics import StatisticsFile, open_statistics, weights_digest
 from omnimerge.checkpoint.writer import AtomicOutput, ShardedWriter, check_output_apart, parse_size
 from omnimerge.components import Selector, classify
 from omnimerge.errors import (
@@ -139,6 +141,20 @@ class MergeRun:
             raise RecipeError(f"merge_method: '{self.method.name}' keeps the experts' adapters apart (no merged "
                               f"model); use it with mode: modality")
         self.kwargs = self.method.resolve(recipe.parameters, [m.parameters for m in recipe.models])
+        spec = self.method.statistics
+        if spec is not None and recipe.mode != "capability":
+            raise RecipeError(f"mode: method '{self.method.name}' reads per-expert statistics, which modality "
+                              f"merging does not pass on yet; use mode: capability")
+        for i, m in enumerate(recipe.models):
+            if spec is not None and not m.statistics:
+                raise RecipeError(f"models[{i}].statistics: method '{self.method.name}' needs each expert's "
+                                  f"'{spec.kind}' statistics file (collect it with `omnimerge stats`)")
+            if spec is None and m.statistics:
+                users = sorted(n for n, mm in registry().items() if mm.statistics)
+                raise RecipeError(f"models[{i}].statistics: method '{self.method.name}' uses no statistics "
+                                  f"(data-aware methods do: {', '.join(users)})")
+        #: per expert, its opened statistics file (data-aware methods; see _open_statistics)
+        self.stat_files: list[StatisticsFile] = []
         self.compute_dtype = DTYPES[recipe.dtype]
         self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
         self.selector = Selector(recipe.select.include, recipe.select.exclude)
@@ -245,6 +261,10 @@ class MergeRun:
             if merged:
                 T, es = len(self.experts), element_size(self.compute_dtype)
                 job.cost = (T + 3) * meta.numel * es
+                spec = self.method.statistics
+                want = spec.shape(name, tuple(meta.shape), comp) if spec is not None else None
+                if want is not None:  # the experts' statistics, their sum and its factor (float64)
+                    job.cost += (T + 4) * math.prod(want) * 8
                 if meta.numel >= FUSED_BLOCK and self._fusable():
                     job.cost, job.streaming = (T + 3) * FUSED_BLOCK * es + 4 * KERNEL_CHUNK, True  # a few blocks
                 elif self._blockwise(job) is not None:
@@ -306,6 +326,70 @@ class MergeRun:
             f"(or values so large that W - W0 overflows {self.recipe.dtype})"
         )
 
+    def _job_statistics(self, job: Job) -> list[torch.Tensor | None] | None:
+        """Per expert, the job's statistic from its file (on the compute device), None where the file has none;
+        None for methods without statistics."""
+        if not self.stat_files or not job.merged:
+            return None
+        out: list[torch.Tensor | None] = []
+        for sf in self.stat_files:
+            key = sf.key_of(job.name, job.canonical)
+            out.append(None if key is None else sf.read(key).to(self.device))
+        return out
+
+    def _open_statistics(self, jobs: list[Job]) -> None:
+        """Before any work: open every expert's statistics file and check it against the plan: the kind, a
+        statistic of the expected shape for every merged tensor that takes one, no statistic for a tensor the
+        base does not have, and (where the file records it) the digest of the weights it was collected on."""
+        spec = self.method.statistics
+        if spec is None or self.stat_files:
+            return
+        assert self.base is not None
+        r = self.recipe
+        names = set(self.base.tensors) | {self.base.canonical_of(n) for n in self.base.tensors}
+        files = []
+        for i, (m, src) in enumerate(zip(r.models, self.experts, strict=True)):
+            who = f"models[{i}].statistics (expert '{m.model}')"
+            assert m.statistics is not None
+            path = Path(m.statistics).expanduser()
+            if not path.is_absolute() and r.base_path is not None:
+                path = r.base_path / path
+            sf = open_statistics(path, spec.kind, who)
+            stray = sorted(k for k in sf.shapes if k not in names and canonical_name(k) not in names)
+            if stray:
+                raise CheckpointError(f"{who}: {path} has statistics for '{stray[0]}'"
+                                      f"{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, which the base "
+                                      f"'{r.base_model}' has no tensor of: statistics of another model")
+            for job in jobs:
+                if not job.merged:
+                    continue
+                want = spec.shape(job.canonical, tuple(job.meta.shape), job.component)
+                key = sf.key_of(job.name, job.canonical)
+                if key is None:
+                    if want is not None:
+                        raise CheckpointError(f"{who}: {path} has no '{spec.kind}' statistic for tensor "
+                                              f"'{job.name}' (expected shape {list(want)})")
+                    continue
+                if want is None or tuple(sf.shapes[key]) != tuple(want):
+                    raise CheckpointError(
+                        f"{who}: {path}: statistic '{key}' has shape {list(sf.shapes[key])}, expected "
+                        f"{list(want) if want is not None else 'none for this tensor'} for tensor '{job.name}' "
+                        f"of shape {list(job.meta.shape)}")
+            recorded = sf.metadata.get("weights_digest")
+            if recorded:
+                algo = recorded.split(":", 1)[0]
+                try:
+                    actual = weights_digest(src.input_files(), algo)
+                except (ImportError, ValueError, OSError) as e:
+                    raise CheckpointError(f"{who}: cannot digest the expert's weights to compare with {path} "
+                                          f"({e})") from None
+                if actual != recorded:
+                    raise CheckpointError(
+                        f"{who}: {path} was collected on other weights (weights_digest {recorded}, expert "
+                        f"'{m.model}' has {actual}): statistics of another model or another version")
+            files.append(sf)
+        self.stat_files = files
+
     def _context(self, job: Job, factors: list[Any] | None, stats: Any) -> TensorContext:
         return TensorContext(
             name=job.name,
@@ -318,6 +402,7 @@ class MergeRun:
             layer=job.layer,
             num_layers=job.num_layers,
             log=self.notes,
+            statistics=self._job_statistics(job),
         )
 
     def _all_full(self) -> bool:
@@ -739,6 +824,9 @@ class MergeRun:
         state = gp.init(len(self.experts), self.kwargs)
         for p in range(gp.passes):
             for job in self.progress_iter(merged, f"global pass {p + 1}/{gp.passes}"):
+                if not gp.reads_tensors:
+                    gp.update(p, state, [], self._context(job, None, None))
+                    continue
                 _base, tvs, factors = self._inputs(job)
                 gp.update(p, state, tvs, self._context(job, factors, None))
             gp.finish(p, state)
@@ -769,6 +857,7 @@ class MergeRun:
         for src in self.experts:
             for note in src.validate(self.base, selected):
                 self.notes(note)
+        self._open_statistics(jobs)
         return jobs
 
     def _report(self, jobs: list[Job], seconds: float, shard_files: list[Path]) -> MergeReport:
@@ -968,6 +1057,7 @@ class MergeRun:
             self.base.close()
         self.experts = []
         self.base = None
+        self.stat_files = []
 
 
 def _free_memory(device: torch.device) -> int | None:

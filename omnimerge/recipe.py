@@ -7,6 +7,7 @@ Example::
       - model: experts/vqa
         parameters: {weight: 1.0}          # optional per-model parameters
       - model: experts/chart-lora          # a PEFT adapter folder works too
+        statistics: stats/chart.safetensors  # data-aware methods (regmean, fisher): `omnimerge stats`
     merge_method: ties
     parameters: {scaling: 0.3, density: 0.2}
     select:                                # default: the language model's linear weights
@@ -44,6 +45,9 @@ class ModelEntry(BaseModel):
     model: str = Field(description="path or cached hub id of a fine-tuned checkpoint or PEFT adapter")
     parameters: dict[str, Any] = Field(default_factory=dict, description="per-model method parameters")
     name: str | None = Field(default=None, description="a display name (default: the folder name)")
+    statistics: str | None = Field(
+        default=None, description="the expert's statistics file for data-aware methods (regmean, fisher): "
+        "safetensors written by `omnimerge stats` (see omnimerge.checkpoint.statistics)")
 
     @field_validator("model")
     @classmethod

@@ -336,6 +336,11 @@ def test_methods_do_not_write_into_the_context(name: str) -> None:
     kw = method.resolve(params, [{} for _ in tvs])
     ctx = TensorContext(name="model.layers.0.mlp.up_proj.weight", canonical="model.layers.0.mlp.up_proj.weight",
                         component="language_model", num_models=n)
+    if method.statistics is not None:  # data-aware: each expert's statistic for the tensor (a Gram, a Fisher)
+        shape = method.statistics.shape(ctx.name, tuple(base.shape), "language_model")
+        assert shape is not None
+        stats = [torch.rand(shape, generator=g) for _ in range(n)]
+        ctx.statistics = [s @ s.T if len(shape) == 2 and shape[0] == shape[1] != base.shape[0] else s for s in stats]
     gp = method.global_pass
     if gp is not None and gp.needed(kw):  # the engine's global pass, over this one tensor
         state = gp.init(n, kw)

@@ -62,6 +62,42 @@ def _row(name: str, kind: str, res: dict[str, Any], experts: dict[str, float], *
     return row
 
 
+#: calibration examples per expert for the data-aware methods (its own task's training split, never test)
+CALIB_GRAM, CALIB_FISHER = 64, 32
+
+
+def _refusal_given_statistics(m: Any, n_experts: int) -> str | None:
+    """Why a data-aware method cannot run with its defaults, the statistics aside (the bench collects them)."""
+    from omnimerge.errors import MethodParameterError
+
+    try:
+        m.resolve({}, [{}] * n_experts)
+    except MethodParameterError as e:
+        return str(e)
+    return None
+
+
+def statistics_files(kind: str, dirs: Sequence[Path], tasks: Sequence[str], folder: Path, seed: int) -> list[str]:
+    """Per expert (``dirs[i]`` trained on ``tasks[i]``), its statistics of ``kind`` ('regmean_gram' or
+    'fisher_diagonal') from its own task's training split, written into ``folder``; the file paths."""
+    from omnimerge.bench.calibration import SPLIT, bench_batches
+    from omnimerge.bench.model import load_model
+    from omnimerge.stats import collect_fisher, collect_grams, save_statistics
+
+    out = []
+    for d, task in zip(dirs, tasks, strict=True):
+        model = load_model(d)
+        if kind == "regmean_gram":
+            res = collect_grams(model, bench_batches([task], CALIB_GRAM, 16, seed))
+        else:
+            res = collect_fisher(model, bench_batches([task], CALIB_FISHER, 1, seed), seed=seed)
+        f = folder / f"{task}.{kind}.safetensors"
+        save_statistics(res, f, Path(d), manifest={"data": f"bench:{task}", "split": SPLIT})
+        out.append(str(f))
+        del model
+    return out
+
+
 def select_methods(names: Sequence[str] | None, n_experts: int = len(TASKS)) -> tuple[list[Any], dict[str, str]]:
     """The methods to run and, by name, the ones left out of the default list with the reason: every dense
     method that can merge ``n_experts`` experts with its default parameters (a method named explicitly is
@@ -75,7 +111,7 @@ def select_methods(names: Sequence[str] | None, n_experts: int = len(TASKS)) -> 
     for _, m in sorted(registry().items()):
         if getattr(m, "output_kind", "dense") != "dense":
             continue
-        why = m.refusal(n_experts)
+        why = m.refusal(n_experts) if m.statistics is None else _refusal_given_statistics(m, n_experts)
         if why is None:
             run.append(m)
         else:
@@ -178,15 +214,27 @@ def run_bench(
                     inputs, lora_mode = [zoo.full_dir(t) for t in TASKS], "n/a"
                 else:
                     inputs, lora_mode = lora_inputs(zoo, TASKS, scratch)
+                stat_files: dict[str, list[str]] = {}
                 for m in meths:
                     prog.update(bar, description=f"{fam}: {m.name}")
                     t1 = time.perf_counter()
+                    m_inputs = list(inputs)
+                    if m.statistics is not None and fam != "full":  # statistics of full checkpoints: the
+                        m_inputs = [zoo.lora_merged_dir(t) for t in TASKS]     # LoRA experts merged into theirs
                     scaled = has_scaling(m)
                     params: dict[str, Any] = {"scaling": 1.0} if scaled else {}
                     if has_param(m, "seed"):  # randomised methods (DARE) draw from the zoo's seed
                         params["seed"] = cfg.seed
                     try:
-                        recipe = make_recipe(m.name, zoo.base_dir, inputs, params)
+                        recipe = make_recipe(m.name, zoo.base_dir, m_inputs, params)
+                        if m.statistics is not None:
+                            kind = m.statistics.kind
+                            if kind not in stat_files:
+                                folder = scratch / f"stats-{fam}"
+                                folder.mkdir(exist_ok=True)
+                                stat_files[kind] = statistics_files(kind, m_inputs, TASKS, folder, cfg.seed)
+                            for entry, f in zip(recipe["models"], stat_files[kind], strict=True):
+                                entry["statistics"] = f
                         mdir = scratch / f"{fam}-{m.name}"
                         merge_to_dir(recipe, mdir)
                         merge_s = time.perf_counter() - t1

@@ -12,6 +12,7 @@ from omnimerge.errors import RecipeError
 from omnimerge.methods import (
     balancing,  # noqa: E402,F401  sce, pcb (variance selection, parameter competition balancing)
     breadcrumbs,  # noqa: E402,F401  breadcrumbs, breadcrumbs_ties (composed sparse methods)
+    data_aware,  # noqa: E402,F401  regmean, fisher (per-expert statistics: input Grams, diagonal Fisher)
     della,  # noqa: E402,F401  della, della_linear (magnitude-ranked random pruning)
     knots,  # noqa: E402,F401  knots (KnOTS, LoRA merging in a shared SVD basis)
     linear,  # noqa: E402,F401  weight_average, task_arithmetic

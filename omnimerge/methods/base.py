@@ -31,8 +31,8 @@ import torch
 from omnimerge.errors import MethodParameterError, quoted
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Steps", "TaskMasks",
-           "TensorContext", "at_depth", "merge_method", "registry"]
+__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Statistics", "Steps",
+           "TaskMasks", "TensorContext", "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
 
@@ -245,6 +245,9 @@ class TensorContext:
         offset: for methods that declare ``elementwise``: the flat index of the first entry of the block they
             are given (the engine may stream a tensor in blocks); 0 for a whole tensor.
         log: a callable for one-line notes the method wants the user to see (printed once per distinct text).
+        statistics: for methods that declare :class:`Statistics`: per expert, this tensor's statistic (float32 on
+            the compute device), or None where the expert's file has none for it (allowed only where the
+            declaration's ``shape`` says the tensor takes none); None for other methods.
     """
 
     name: str
@@ -259,6 +262,7 @@ class TensorContext:
     offset: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
     info: dict[str, Any] = field(default_factory=dict)
+    statistics: Sequence[torch.Tensor | None] | None = None
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name): deterministic whatever order tensors are merged in."""
@@ -282,6 +286,9 @@ class GlobalPass:
     """
 
     passes: int = 1
+    #: whether ``update`` needs the task vectors (False: the engine passes an empty list and reads no weights,
+    #: e.g. a pass over the experts' statistics only)
+    reads_tensors: bool = True
 
     def init(self, num_models: int, params: Mapping[str, Any]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -301,6 +308,22 @@ class GlobalPass:
 
 
 MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The per-expert statistics a data-aware method reads (``models[i].statistics``; see
+    :mod:`omnimerge.checkpoint.statistics`).
+
+    Attributes:
+        kind: the file's ``statistic`` metadata value (``regmean_gram``, ``fisher_diagonal``).
+        shape: ``shape(name, weight_shape, component) -> expected shape | None``: the statistic's shape for a merged
+            tensor, or None where the method takes no statistic for such a tensor (it then leaves it at the
+            base if the file has none). A merged tensor with an expected shape must be in every expert's file.
+    """
+
+    kind: str
+    shape: Callable[[str, tuple[int, ...], str], tuple[int, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -378,6 +401,8 @@ class MergeMethod:
     check: Callable[[Mapping[str, Any]], None] | None = None
     #: how many experts the method merges: (at least, at most; None: no limit), checked before any work
     experts: tuple[int, int | None] = (1, None)
+    #: the per-expert statistics the method reads (data-aware methods), or None
+    statistics: Statistics | None = None
 
     @property
     def doc(self) -> str:
@@ -391,7 +416,11 @@ class MergeMethod:
 
     def refusal(self, n_experts: int) -> str | None:
         """Why this method cannot merge ``n_experts`` experts with its default parameters (None: it can). Lists
-        that run every method (the benchmarks) leave out the ones refused, saying why."""
+        that run every method (the benchmarks) leave out the ones refused, saying why. A data-aware method is
+        refused here: it needs each expert's statistics besides the parameters."""
+        if self.statistics is not None:
+            return (f"method '{self.name}' needs each expert's '{self.statistics.kind}' statistics "
+                    f"(models[].statistics, from `omnimerge stats`)")
         try:
             self.resolve({}, [{}] * n_experts)
         except MethodParameterError as e:
@@ -461,6 +490,7 @@ def merge_method(
     capabilities: Capabilities | None = None,
     check: Callable[[Mapping[str, Any]], None] | None = None,
     experts: tuple[int, int | None] = (1, None),
+    statistics: Statistics | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as merge method ``name`` (decorator)."""
 
@@ -479,6 +509,7 @@ def merge_method(
             capabilities=capabilities or Capabilities(),
             check=check,
             experts=experts,
+            statistics=statistics,
         )
         return fn
 

@@ -203,11 +203,15 @@ class _ModifiedPass(GlobalPass):
     def __init__(self, inner: GlobalPass, pre: Callable[[list[torch.Tensor], TensorContext], list[torch.Tensor]]):
         self.inner, self.pre = inner, pre
         self.passes = inner.passes
+        self.reads_tensors = inner.reads_tensors
 
     def init(self, num_models: int, params: Mapping[str, Any]) -> Any:
         return self.inner.init(num_models, params)
 
     def update(self, p: int, state: Any, task_vectors: Sequence[torch.Tensor], ctx: TensorContext) -> None:
+        if not self.reads_tensors:  # a pass over statistics only: no task vectors to modify
+            self.inner.update(p, state, task_vectors, ctx)
+            return
         self.inner.update(p, state, self.pre([t.clone() for t in task_vectors], ctx), ctx)
 
     def finish(self, p: int, state: Any) -> None:
