@@ -136,7 +136,6 @@ def test_two_workers_share_one_postgresql_study(quick_zoo, tmp_path: Path) -> No
     ({"weights": [0.5, 0.5]}, "empty"),
     ({"density": [0.1, 0.9]}, "has no parameter 'density'"),
     ({"sampler": "grid", "grid": 3}, "more than the trial budget"),
-    ({"objective": {"tasks": ["chartqa"]}}, "not joined to omnimerge eval yet"),
     ({"layer_groups": 0}, "layer_groups"),
     ({"weights": [-2.0, 1.0], "scaling": [-1.0, 1.0]}, "scaling"),
 ])

@@ -9,8 +9,8 @@ maximises (the mean over tasks). The splits are
 * ``"test"``: the reporting split, never seen by the search, scored once per reported recipe.
 
 :class:`MiniObjective` is the miniature benchmark (``omnimerge.bench``). The task-pool objective
-(``objective: {tasks: [...]}``) is not joined to :mod:`omnimerge.eval.runner` (the ``omnimerge eval`` loop) yet:
-asking for it is a one-line error, not a stand-in.
+(``objective: {tasks: [...]}``), :class:`TaskPoolObjective`, is the paper's benchmarks through the ``omnimerge
+eval`` loop (:mod:`omnimerge.eval.runner`).
 """
 
 from __future__ import annotations
@@ -97,11 +97,75 @@ class MiniSuiteObjective:
         return evaluate(model, self._suite(split), self.enc)
 
 
+class TaskPoolObjective:
+    """The paper's benchmarks (:mod:`omnimerge.eval`): the model is the base's transformers model, answered
+    through :class:`~omnimerge.eval.backends.TransformersBackend` with its own processor and chat template, and
+    each task scored with its own metric (see :class:`~omnimerge.search.spec.TasksObjective` for the splits).
+    Every task's data is read when the objective is made, before any model loads."""
+
+    def __init__(self, spec: TasksObjective) -> None:
+        from dataclasses import replace
+
+        from omnimerge.eval.runner import load_tasks
+
+        self.spec = spec
+        self.name = "tasks/" + ",".join(spec.tasks)
+        self._backend: Any = None
+        search = load_tasks(spec.tasks, data=spec.data, splits=spec.split, image_sources=spec.images,
+                            limit=spec.limit + spec.fresh, seed=spec.seed)
+        tests: dict[str, str] = {}
+        for name, d in search.items():
+            test = spec.test_split or d.task.split
+            if test == spec.split:
+                raise SearchError(f"objective: {name}: the search split '{spec.split}' is also its reporting "
+                                  f"split; give another split (or test_split) so that the reported scores are "
+                                  f"on data the search never saw")
+            if len(d.examples) <= spec.limit:
+                raise SearchError(f"objective: {name}: split '{spec.split}' has {len(d.examples)} usable "
+                                  f"examples; limit {spec.limit} + fresh {spec.fresh} need more than {spec.limit}")
+            tests[name] = test
+        self._data = {
+            "validation": {n: replace(d, examples=d.examples[:spec.limit]) for n, d in search.items()},
+            "fresh": {n: replace(d, examples=d.examples[spec.limit:]) for n, d in search.items()},
+        }
+        per_test: dict[str, Any] = {}
+        for name, test in tests.items():
+            per_test.update(load_tasks([name], data={k: v for k, v in spec.data.items() if k == name},
+                                       splits=test, image_sources={k: v for k, v in spec.images.items()
+                                                                   if k == name},
+                                       limit=spec.test_limit, seed=spec.seed))
+        self._data["test"] = per_test
+
+    def sizes(self) -> dict[str, int]:
+        return {split: min(len(d.examples) for d in data.values()) for split, data in self._data.items()}
+
+    def load_model(self, path: str | Path) -> Any:
+        from omnimerge.eval.backends import TransformersBackend
+        from omnimerge.eval.models import load_model
+
+        loaded = load_model(path, device=self.spec.device)
+        self._backend = TransformersBackend(loaded, batch_size=self.spec.batch_size, progress=False)
+        return loaded.model
+
+    def score(self, model: Any, split: str) -> dict[str, dict[str, Any]]:
+        from omnimerge.eval.runner import run_task
+
+        if split not in SPLITS:
+            raise SearchError(f"objective: unknown split {split!r} (known: {', '.join(SPLITS)})")
+        if self._backend is None or self._backend.model is not model:
+            raise SearchError("objective: score a model this objective loaded (load_model)")
+        out = {}
+        for name, data in self._data[split].items():
+            entry, _rows = run_task(self._backend, data, self._backend.box_format)
+            head = entry.get("paper_value") if entry.get("paper_value") is not None else entry["value"]
+            out[name] = {"score": float(head or 0.0), "se": float(entry["stderr"] or 0.0), "n": entry["n"]}
+        return out
+
+
 def make_objective(spec: MiniSpec | TasksObjective) -> Objective:
     """The objective a search recipe names."""
     if isinstance(spec, TasksObjective):
-        raise SearchError(f"objective: {{tasks: {spec.tasks}}}: searching on the task pool is not "
-                          f"joined to omnimerge eval yet; use objective: {{suite: mini}}")
+        return TaskPoolObjective(spec)
     return MiniSuiteObjective(spec)
 
 

@@ -215,7 +215,7 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
     out = Path(out)
     plan = read_search_recipe(recipe, trials, zoo_models)
     st = open_storage(out, storage)  # before any work: an unreachable database is a one-line error
-    objective = make_objective(plan.spec.objective)
+    objective = make_objective(_local_paths(plan.spec.objective, plan))
     name = study_name or Path(recipe).stem
     try:
         study = optuna.load_study(study_name=name, storage=st)
@@ -321,6 +321,21 @@ def _atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _local_paths(spec: Any, plan: SearchPlan) -> Any:
+    """A task-pool objective's data paths, relative ones taken from the recipe's folder (as the recipe's models)."""
+    from omnimerge.search.spec import TasksObjective
+
+    root = plan.recipe.base_path
+    if not isinstance(spec, TasksObjective) or root is None:
+        return spec
+
+    def fix(v: str) -> str:
+        return str(root / v) if not Path(v).expanduser().is_absolute() and (root / v).exists() else v
+
+    return spec.model_copy(update={"data": {k: fix(v) for k, v in spec.data.items()},
+                                   "images": {k: fix(v) for k, v in spec.images.items()}})
 
 
 def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, model: Any, out: Path,

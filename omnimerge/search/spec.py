@@ -56,7 +56,10 @@ class MiniObjective(BaseModel):
 
 
 class TasksObjective(BaseModel):
-    """Real benchmarks of the task pool (``omnimerge.eval``)."""
+    """Real benchmarks of the task pool (``omnimerge.eval``): trials are scored on a seeded sample of ``limit``
+    examples per task of ``split``, the top recipes re-scored on ``fresh`` more examples of the same split
+    (disjoint: one stratified sample of ``limit + fresh``, cut in two), and reported on ``test_split`` (default:
+    each task's standard evaluation split), which must differ from ``split``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +67,16 @@ class TasksObjective(BaseModel):
     split: str = "validation"
     limit: int = Field(default=200, ge=1)
     fresh: int = Field(default=200, ge=1)
+    #: where each task's data is (a save_to_disk folder, parquet, JSONL or hub id; default: its hub id)
+    data: dict[str, str] = Field(default_factory=dict)
+    #: a separate image table per task (GQA)
+    images: dict[str, str] = Field(default_factory=dict)
+    test_split: str | None = None
+    #: examples per task of the reporting split (None: all of it)
+    test_limit: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = Field(default=8, ge=1)
 
 
 class SearchSpec(BaseModel):
