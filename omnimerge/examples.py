@@ -18,7 +18,8 @@ import torch
 VOCAB = 256
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """Offline, no progress bars, errors only: transformers as the examples and the benchmark use it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
@@ -29,7 +30,7 @@ def _quiet_transformers() -> None:
 
 def tiny_config(arch: str) -> Any:
     """A tiny transformers config of a real architecture: 'qwen2_vl', 'llava', 'qwen2_audio' or 'qwen2'."""
-    _quiet_transformers()
+    quiet_transformers()
     import transformers as T
 
     text = dict(

@@ -346,9 +346,9 @@ MODEL_TYPE = {"vision": "llava", "audio": "qwen2_audio", "video": "llava_next_vi
 def load(kind: str, path: str | Path) -> Any:
     import transformers as T
 
-    from omnimerge.examples import _quiet_transformers
+    from omnimerge.examples import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
 
     return getattr(T, MODEL_CLASS[kind]).from_pretrained(path, trust_remote_code=False).eval()
 
@@ -535,9 +535,9 @@ def build_zoo(spec: SuiteSpec, root: str | Path | None = None, rebuild: bool = F
     """Train (or reuse) the base and the three modality experts; save them with ``save_pretrained``."""
     import torch
 
-    from omnimerge.examples import _quiet_transformers
+    from omnimerge.examples import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     root = Path(root) if root else cache_root() / spec.key()
     zoo = ModalityZoo(spec, root)
     if (root / "zoo.json").is_file() and not rebuild:
