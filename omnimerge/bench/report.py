@@ -133,7 +133,8 @@ def write_markdown(results: dict[str, Any], path: str | Path, img_prefix: str = 
     Path(path).write_text("\n".join(out) + "\n")
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (a private config folder when none is set)."""
     if "MPLCONFIGDIR" not in os.environ:
         os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="omnimerge-mpl-")
     import matplotlib
@@ -148,7 +149,7 @@ def plot_bars(fam_res: dict[str, Any], path: str | Path, title: str) -> None:
     """Grouped bars: one group per task (and the average), one bar per model/method, with s.e. error bars."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     rows = _scored(fam_res["rows"])
     labels = [TASK_TITLES[t] for t in TASKS] + ["Avg."]
     x = np.arange(len(labels))
@@ -174,7 +175,7 @@ def plot_radar(fam_res: dict[str, Any], path: str | Path, title: str) -> None:
     """One small radar chart per method: the merge vs the individual experts and the base (per task, %)."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     rows = _scored(fam_res["rows"])
     ref = {r["name"]: r for r in rows if r["kind"] == "reference"}
     meth = [r for r in rows if r["kind"] == "method"] or rows
@@ -257,7 +258,7 @@ def task_gallery(path: str | Path, per_task: int = 4, seed: int = 0) -> Path:
     """A PNG with example test images of every task, each titled with its question and answer (for the docs)."""
     from omnimerge.bench.data import make_split
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(TASKS), per_task, figsize=(2.6 * per_task, 2.5 * len(TASKS)))
     for i, t in enumerate(TASKS):
         exs = make_split(t, "test", per_task * 3, seed)

@@ -219,13 +219,13 @@ def calibration_spread_markdown(cal: dict[str, Any], seeds: Sequence[int]) -> li
 
 def write_mini(agg: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.md and bars_<family>.png (mean ± s.d. over seeds) of a multi-seed run."""
-    from omnimerge.bench.report import FAMILY_TITLES, _plt
+    from omnimerge.bench.report import FAMILY_TITLES, pyplot
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
     paths[0].write_text(json.dumps(agg, indent=1))
     paths[1].write_text(mini_markdown(agg))
-    plt = _plt()
+    plt = pyplot()
     for fam, fr in agg["families"].items():
         rows = [r for r in fr["rows"] if "mean" in r]
         fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows) + 2), 4))

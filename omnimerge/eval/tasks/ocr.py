@@ -23,7 +23,7 @@ from typing import Any
 from omnimerge.eval.metrics import anls, exact_match, vqa_accuracy
 from omnimerge.eval.protocol import Generation
 from omnimerge.eval.registry import Example, Score, Task, generation_text, register
-from omnimerge.eval.tasks.vqa import SHORT, _answer_strings
+from omnimerge.eval.tasks.vqa import SHORT, answer_strings
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ class TextVQA(Task):
     provenance = "lmms-eval textvqa_val (prompt, no OCR tokens); official VQA accuracy"
 
     def examples_from_row(self, doc_id: int, row: Mapping[str, Any]) -> list[Example]:
-        return [Example(self.name, doc_id, None, str(row["question"]), _answer_strings(row["answers"]))]
+        return [Example(self.name, doc_id, None, str(row["question"]), answer_strings(row["answers"]))]
 
     def prompt(self, example: Example, box_format: str | None = None) -> str:
         return example.question.capitalize() + SHORT

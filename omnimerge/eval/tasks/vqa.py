@@ -28,7 +28,7 @@ from omnimerge.eval.registry import Example, Score, Task, generation_text, regis
 SHORT = "\nAnswer the question using a single word or phrase."
 
 
-def _answer_strings(answers: Any) -> tuple[str, ...]:
+def answer_strings(answers: Any) -> tuple[str, ...]:
     """VQAv2 stores answers as {answer, answer_confidence, answer_id}; VizWiz and TextVQA as strings."""
     out = []
     for a in answers or []:
@@ -43,7 +43,7 @@ class _SoftVQA(Task):
     def examples_from_row(self, doc_id: int, row: Mapping[str, Any]) -> list[Example]:
         group = row.get(self.group_field) if self.group_field else None
         strat = row.get(self.strata) if self.strata else None
-        return [Example(self.name, doc_id, None, str(row["question"]), _answer_strings(row["answers"]),
+        return [Example(self.name, doc_id, None, str(row["question"]), answer_strings(row["answers"]),
                         groups=(str(group),) if group is not None else (),
                         stratum=None if strat is None else str(strat))]
 
