@@ -235,27 +235,19 @@ def convert(
         raise OmniMergeError(f"{recipe}: already a{'n' if to == 'omnimerge' else ''} {to} recipe")
     r = load_recipe(recipe, fmt=source)  # type: ignore[arg-type]
     if to == "omnimerge":
-        data = r.model_dump(exclude={"base_dir"}, exclude_none=True)
-        for key in ("modifiers", "task_models"):
-            if not data.get(key):
-                data.pop(key, None)
-        diffs = [d.removeprefix("mergekit recipe: ") for d in r.differences]
+        text, diffs = r.to_yaml(), [d.removeprefix("mergekit recipe: ") for d in r.differences]
     else:
         data, diffs = mergekit_format.to_mergekit(r)
+        text = yaml.safe_dump(data, sort_keys=False)
     head = f"# converted by omnimerge from {recipe.name} ({source} format)\n"
-    head += "".join(f"# differs: {d}\n" for d in diffs)
-    body = head + yaml.safe_dump(data, sort_keys=False)
+    body = head + "".join(f"# differs: {d}\n" for d in diffs) + text
     if output is None:
         typer.echo(body, nl=False)
         return
-    import os
-    import tempfile
+    from omnimerge.checkpoint.files import atomic_write
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-        os.replace(tmp, output)
+        atomic_write(output, lambda p: p.write_text(body, encoding="utf-8"))
     except OSError as e:
         raise OmniMergeError(f"{output}: cannot write the recipe ({e.strerror or e})") from None
     out.print(f"{to} recipe -> {output}", highlight=False, markup=False)

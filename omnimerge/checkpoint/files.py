@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,22 @@ from omnimerge.errors import OutputError, RecipeError
 #: digest algorithms for the model card: the name used in ``algorithm:hex``
 HASH_ALGORITHMS = ("xxh3_128", "sha256")
 _HASH_ALIASES = {"xxh3": "xxh3_128", "xxh3_128": "xxh3_128", "sha256": "sha256"}
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file all or nothing: ``write(tmp)`` fills a temporary file beside ``path`` (same suffix, so writers
+    that pick a format from it, like matplotlib's, pick the right one), which is then renamed to ``path``; on
+    any failure the temporary file is removed and the error raised as it is."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def hash_algorithm(value: bool | str | None) -> str | None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omnimerge.checkpoint.files import atomic_write
 from omnimerge.errors import OmniMergeError, OutputError
 from omnimerge.eval.data import read_jsonl_objects
 from omnimerge.eval.metrics import mean_stderr
@@ -195,17 +195,6 @@ def _plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(out: str | os.PathLike[str], results: Mapping[str, Any], rows: Iterable[Mapping[str, Any]],
                   others: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
     """``OUT/results.json``, ``OUT/predictions.jsonl``, ``OUT/results.md`` (this model's row after those of
@@ -230,12 +219,12 @@ def write_outputs(out: str | os.PathLike[str], results: Mapping[str, Any], rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     try:
-        _atomic_write(paths["predictions"], w_rows)
+        atomic_write(paths["predictions"], w_rows)
     except OSError as e:
         raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
     write_table(out, table)
     try:
-        _atomic_write(paths["results"], w_json)
+        atomic_write(paths["results"], w_json)
     except OSError as e:
         raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
     return paths
@@ -251,8 +240,8 @@ def write_table(out: str | os.PathLike[str], results: Sequence[Mapping[str, Any]
         raise OutputError(f"{out}: cannot create the output folder: {e.strerror}") from None
     paths = {"markdown": out / "results.md", "plot": out / "results.png"}
     try:
-        _atomic_write(paths["markdown"], lambda p: p.write_text(render_markdown(results), encoding="utf-8"))
-        _atomic_write(paths["plot"], lambda p: _plot(results, p))
+        atomic_write(paths["markdown"], lambda p: p.write_text(render_markdown(results), encoding="utf-8"))
+        atomic_write(paths["plot"], lambda p: _plot(results, p))
     except OSError as e:
         raise OutputError(f"{out}: cannot write the results: {e.strerror or e}") from None
     return paths

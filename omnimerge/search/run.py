@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omnimerge.checkpoint.files import atomic_write
 from omnimerge.search.objective import Objective, make_objective, value, zoo_models
 from omnimerge.search.spec import SearchError, SearchPlan, read_search_recipe
 
@@ -317,12 +318,6 @@ def _record(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"mean": mean, "se": se, "tasks": {t: {k: s[k] for k in ("score", "se", "n")} for t, s in scores.items()}}
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _local_paths(spec: Any, plan: SearchPlan) -> Any:
     """A task-pool objective's data paths, relative ones taken from the recipe's folder (as the recipe's models)."""
     from omnimerge.search.spec import TasksObjective
@@ -395,8 +390,8 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
     header = (f"# omnimerge search: trial #{wt.number} of study '{name}' (validation "
               f"{100 * best['validation']['mean']:.2f}, fresh {100 * best['fresh']['mean']:.2f}, test "
               f"{100 * best['test']['mean']:.2f}); run it with: omnimerge merge best.yaml -o merged\n")
-    _atomic(out / "best.yaml", (header + text).encode())
-    _atomic(out / "trials.csv", trials_csv(study, plan).encode())
+    atomic_write(out / "best.yaml", lambda p: p.write_bytes((header + text).encode()))
+    atomic_write(out / "trials.csv", lambda p: p.write_bytes(trials_csv(study, plan).encode()))
     dash = ("open the study: pip install optuna-dashboard && optuna-dashboard "
             + (f"--storage-class JournalFileStorage {out / JOURNAL}" if storage is None
                else f"'{_hide_password(storage)}'"))
@@ -409,7 +404,7 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
         "best_yaml": str(out / "best.yaml"), "dashboard": dash,
         "trial_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in complete),
     }
-    _atomic(out / "summary.json", json.dumps(summary, indent=1).encode())
+    atomic_write(out / "summary.json", lambda p: p.write_bytes(json.dumps(summary, indent=1).encode()))
     plots(study, plan, wt.params, out)
     return summary
 
