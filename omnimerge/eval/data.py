@@ -210,10 +210,10 @@ def _parquet_rows(files: list[Path], origin: str) -> Rows:
     return Rows(origin, dataset=datasets.Dataset(table))
 
 
-def read_jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """The JSON objects of a JSONL file with their line numbers (blank lines skipped); a line that is not a JSON
-    object is a one-line error naming the file and line."""
-    records = []
+def read_jsonl_objects(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file with their line numbers (blank lines skipped; the first ``limit`` only,
+    reading no further); a line that is not a JSON object is a one-line error naming the file and line."""
+    records: list[tuple[int, dict[str, Any]]] = []
     try:
         f = open(path, encoding="utf-8")  # noqa: SIM115  (closed by the with below; open errors named here)
     except OSError as e:
@@ -229,6 +229,8 @@ def read_jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(rec).__name__}")
             records.append((lineno, rec))
+            if limit is not None and len(records) >= limit:
+                break
     return records
 
 

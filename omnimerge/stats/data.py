@@ -8,7 +8,6 @@ prompt; the answer tokens are the labels. A vision-language expert given rows wi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,15 @@ from omnimerge.stats import Batch
 
 def read_rows(path: Path, n: int | None = None) -> list[dict[str, Any]]:
     """The rows of a calibration JSONL (the first ``n``), each checked for a prompt; image paths resolved."""
-    rows = []
+    from omnimerge.eval.data import DataError, read_jsonl_objects
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise OmniMergeError(f"--calib {path}: cannot read ({e.strerror or e})") from None
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise OmniMergeError(f"--calib {path}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        objects = read_jsonl_objects(path, limit=n)
+    except DataError as e:
+        raise OmniMergeError(f"--calib {e}") from None
+    rows = []
+    for i, row in objects:
+        if not isinstance(row.get("prompt"), str):
             raise OmniMergeError(f"--calib {path}:{i}: expected an object with a 'prompt' string")
         imgs = row.get("images", [row["image"]] if "image" in row else [])
         if isinstance(imgs, str) or not all(isinstance(p, str) for p in imgs):
@@ -43,8 +38,6 @@ def read_rows(path: Path, n: int | None = None) -> list[dict[str, Any]]:
             if not Path(p).is_file():
                 raise OmniMergeError(f"--calib {path}:{i}: image {p} does not exist")
         rows.append(row)
-        if n is not None and len(rows) >= n:
-            break
     if not rows:
         raise OmniMergeError(f"--calib {path}: no rows")
     return rows
