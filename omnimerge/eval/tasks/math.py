@@ -104,6 +104,16 @@ def choice_by_text(text: str, choices: list[str]) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def chosen_letter(text: str, choices: list[str], by_text_of: str | None = None) -> str | None:
+    """The option letter an answer picks: the letter it gives (:func:`choice_letter`), else that of the only
+    choice whose text appears in ``by_text_of`` (default: the answer; :func:`choice_by_text`), else None."""
+    letter = choice_letter(text, len(choices))
+    if letter is None:
+        idx = choice_by_text(text if by_text_of is None else by_text_of, choices)
+        letter = LETTERS[idx] if idx is not None else None
+    return letter
+
+
 def last_number(text: str) -> str | None:
     """The number an answer gives: the boxed content or what follows "the answer is", else the last number."""
     tail = _answer_tail(text)
@@ -179,11 +189,8 @@ class MathVista(Task):
             choices = info["choices"]
             if text in choices:
                 return text
-            letter = choice_letter(text, len(choices))
-            if letter is not None:
-                return choices[LETTERS.index(letter)]
-            idx = choice_by_text(text, choices)
-            return choices[idx] if idx is not None else None
+            letter = chosen_letter(text, choices)
+            return choices[LETTERS.index(letter)] if letter is not None else None
         if info["answer_type"] == "list":
             m = re.search(r"\[[^\[\]]*\]", text)
             if not m:
@@ -270,10 +277,7 @@ class MathVision(Task):
         gt = str(example.references[0]).strip()
         choices = example.info["choices"]
         if choices:
-            letter = choice_letter(text, len(choices))
-            if letter is None:
-                idx = choice_by_text(_answer_tail(text), choices)
-                letter = LETTERS[idx] if idx is not None else None
+            letter = chosen_letter(text, choices, by_text_of=_answer_tail(text))
             if letter is None:
                 return Score(0.0, parsed=False)
             return Score(float(letter == gt.upper()), extracted=letter)
@@ -307,10 +311,7 @@ class Geometry3K(Task):
     def score(self, example: Example, generation: Generation | str, box_format: str = "normalized") -> Score:
         text = generation_text(generation)
         choices = example.info["choices"]
-        letter = choice_letter(text, len(choices))
-        if letter is None:
-            idx = choice_by_text(text, choices)
-            letter = LETTERS[idx] if idx is not None else None
+        letter = chosen_letter(text, choices)
         if letter is None:
             return Score(0.0, parsed=False)
         return Score(float(letter == example.references[0]), extracted=letter)

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from omnimerge.eval.metrics import anls, exact_match, vqa_accuracy
+from omnimerge.eval.metrics import anls, exact_match
 from omnimerge.eval.protocol import Generation
 from omnimerge.eval.registry import Example, Score, Task, generation_text, register
-from omnimerge.eval.tasks.vqa import SHORT, answer_strings
+from omnimerge.eval.tasks.vqa import SHORT, SoftVQA
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -35,25 +35,17 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 
 @register
-class TextVQA(Task):
+class TextVQA(SoftVQA):
     name = "textvqa"
     capability = "OCR"
     hub_id = "lmms-lab/textvqa"
     split = "validation"
     fields = ("question", "answers")
     max_new_tokens = 32
-    metric = "vqa_accuracy"
     provenance = "lmms-eval textvqa_val (prompt, no OCR tokens); official VQA accuracy"
-
-    def examples_from_row(self, doc_id: int, row: Mapping[str, Any]) -> list[Example]:
-        return [Example(self.name, doc_id, None, str(row["question"]), answer_strings(row["answers"]))]
 
     def prompt(self, example: Example, box_format: str | None = None) -> str:
         return example.question.capitalize() + SHORT
-
-    def score(self, example: Example, generation: Generation | str, box_format: str = "normalized") -> Score:
-        text = generation_text(generation).strip()
-        return Score(vqa_accuracy(text, example.references), extracted=text)
 
 
 @register

@@ -36,7 +36,10 @@ def answer_strings(answers: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-class _SoftVQA(Task):
+class SoftVQA(Task):
+    """A question with annotators' answers, scored by the official VQA soft accuracy (VQAv2, VizWiz, TextVQA);
+    ``group_field`` and ``strata`` name the row fields of the breakdown groups and the ``limit`` strata."""
+
     metric = "vqa_accuracy"
     group_field: str | None = None
 
@@ -53,7 +56,7 @@ class _SoftVQA(Task):
 
 
 @register
-class VQAv2(_SoftVQA):
+class VQAv2(SoftVQA):
     name = "vqav2"
     capability = "VQA"
     hub_id = "lmms-lab/VQAv2"
@@ -69,7 +72,7 @@ class VQAv2(_SoftVQA):
 
 
 @register
-class VizWiz(_SoftVQA):
+class VizWiz(SoftVQA):
     name = "vizwiz"
     capability = "VQA"
     hub_id = "lmms-lab/VizWiz-VQA"
