@@ -80,8 +80,8 @@ def test_processor_kwargs_set_the_resize(zoo: dict[str, Path]) -> None:
     assert g.image_sizes == ((32, 16),)
 
 
-def test_prompt_goes_through_chat_template(zoo: dict[str, Path]) -> None:
-    b = TransformersBackend.from_source(zoo["qwen2_vl"], progress=False)
+def _spy_generate(b: TransformersBackend) -> dict[str, Any]:
+    """Record the keyword arguments of the backend's next ``model.generate`` calls (the call still runs)."""
     seen: dict[str, Any] = {}
     real = b.model.generate
 
@@ -90,6 +90,12 @@ def test_prompt_goes_through_chat_template(zoo: dict[str, Path]) -> None:
         return real(**kw)
 
     b.model.generate = spy
+    return seen
+
+
+def test_prompt_goes_through_chat_template(zoo: dict[str, Path]) -> None:
+    b = TransformersBackend.from_source(zoo["qwen2_vl"], progress=False)
+    seen = _spy_generate(b)
     b.generate([Request((Image.new("RGB", (32, 32)),), "what is the color", 2)])
     text = b.tokenizer.decode(seen["input_ids"][0])
     assert text.startswith("<|im_start|> user")
@@ -261,14 +267,7 @@ def test_hub_id_from_the_local_cache(zoo: dict[str, Path], tmp_path: Path, monke
 def test_dtype_casts_images_to_the_model(zoo: dict[str, Path]) -> None:
     b = TransformersBackend.from_source(zoo["llava"], dtype="bfloat16", progress=False)
     assert b.model.dtype == torch.bfloat16
-    seen: dict[str, Any] = {}
-    real = b.model.generate
-
-    def spy(**kw: Any) -> Any:
-        seen.update(kw)
-        return real(**kw)
-
-    b.model.generate = spy
+    seen = _spy_generate(b)
     [g] = b.generate([Request((Image.new("RGB", (32, 32)),), "what is this", 3)])
     assert seen["pixel_values"].dtype == torch.bfloat16 and seen["input_ids"].dtype == torch.long and g.text
 
