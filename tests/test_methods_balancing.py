@@ -7,33 +7,25 @@ the scale of LLM deltas, where mergekit's absolute 1e-6 switch would make them e
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import omnimerge
+from tests.tiny_models import save_tensors
 
 EMBED = "model.embed_tokens.weight"
 SMALL = "model.layers.0.mlp.up_proj.weight"  # 4 x 5: d < 10^4, the clamp only pulls the top magnitude down
 WIDE = "model.layers.0.mlp.down_proj.weight"  # 2 x 10000: d >= 10^4, both tails clamped
 
 
-def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    return folder
-
-
 def _models(root: Path, base: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]]) -> list[Path]:
-    out = [_save(root / "base", base)]
+    out = [save_tensors(root / "base", base)]
     for i, d in enumerate(deltas):
-        out.append(_save(root / f"expert{i}", {k: v + d.get(k, torch.zeros_like(v)) for k, v in base.items()}))
+        out.append(save_tensors(root / f"expert{i}", {k: v + d.get(k, torch.zeros_like(v)) for k, v in base.items()}))
     return out
 
 

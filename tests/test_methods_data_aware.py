@@ -4,7 +4,6 @@ with FusionBench on the golden cases)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,12 @@ from safetensors.torch import save_file
 
 import omnimerge
 from omnimerge.checkpoint.statistics import weights_digest
+from tests.tiny_models import save_tensors
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
 D = "model.layers.0.mlp.down_proj.weight"
 N = "model.layers.0.input_layernorm.weight"
-
-
-def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    return folder
 
 
 def _stats(path: Path, kind: str, tensors: dict[str, torch.Tensor], **meta: str) -> str:
@@ -45,7 +38,7 @@ def zoo(tmp_path: Path) -> dict[str, Any]:
     base = {Q: torch.randn(6, 4, generator=g), K: torch.randn(6, 4, generator=g), D: torch.randn(4, 6, generator=g),
             N: torch.ones(4)}
     experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
-    paths = [_save(tmp_path / "base", base)] + [_save(tmp_path / f"e{i}", w) for i, w in enumerate(experts)]
+    paths = [save_tensors(tmp_path / "base", base)] + [save_tensors(tmp_path / f"e{i}", w) for i, w in enumerate(experts)]
     grams = []
     for _ in range(3):
         site = _gram(4, 50, g)

@@ -14,25 +14,18 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import omnimerge
 from omnimerge.methods import get_method
 from omnimerge.methods.base import TensorContext
 from omnimerge.methods.operators import MagnitudeRankedDrop
+from tests.tiny_models import save_tensors
 
 ROWS = "model.layers.0.mlp.up_proj.weight"  # 400 x 64: the statistics
 BIG = "model.layers.0.self_attn.q_proj.weight"  # 520 x 512 > 2^18 entries: large enough to stream, if it could
 NORM = "model.layers.0.input_layernorm.weight"  # 1-D: one row
 SHAPES = {ROWS: (400, 64), BIG: (520, 512), NORM: (64,)}
 RHO, EPS = 0.4, 0.15
-
-
-def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    return folder
 
 
 def _deltas(seed: int) -> dict[str, torch.Tensor]:
@@ -49,9 +42,9 @@ def _deltas(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _models(root: Path, base: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]]) -> list[Path]:
-    out = [_save(root / "base", base)]
+    out = [save_tensors(root / "base", base)]
     for i, d in enumerate(deltas):
-        out.append(_save(root / f"expert{i}", {k: v + d[k] for k, v in base.items()}))
+        out.append(save_tensors(root / f"expert{i}", {k: v + d[k] for k, v in base.items()}))
     return out
 
 

@@ -13,27 +13,20 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import omnimerge
+from tests.tiny_models import save_tensors
 
 LAYER = "model.layers.{}.mlp.up_proj.weight"
 EMBED = "model.embed_tokens.weight"
 BIG = "model.layers.0.self_attn.q_proj.weight"  # 700 x 300: several 64K-entry blocks, the last one partial
 
 
-def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    return folder
-
-
 def _models(root: Path, base: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]]) -> list[Path]:
     """The base folder, then one folder per expert W0 + delta (float32: the hand results are exact)."""
-    out = [_save(root / "base", base)]
+    out = [save_tensors(root / "base", base)]
     for i, d in enumerate(deltas):
-        out.append(_save(root / f"expert{i}", {k: v + d.get(k, torch.zeros_like(v)) for k, v in base.items()}))
+        out.append(save_tensors(root / f"expert{i}", {k: v + d.get(k, torch.zeros_like(v)) for k, v in base.items()}))
     return out
 
 

@@ -15,29 +15,22 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import omnimerge
 from omnimerge.errors import MethodParameterError
 from omnimerge.methods import TensorContext, get_method
+from tests.tiny_models import save_tensors
 
 A = "model.layers.0.mlp.up_proj.weight"
 B = "model.layers.0.mlp.down_proj.weight"
 LAYER = "model.layers.{}.mlp.up_proj.weight"
 
 
-def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    return folder
-
-
 def _models(root: Path, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]]) -> list[Path]:
     """The base folder, then one folder per expert given by its full weights (float32)."""
-    out = [_save(root / "base", base)]
+    out = [save_tensors(root / "base", base)]
     for i, w in enumerate(experts):
-        out.append(_save(root / f"expert{i}", {k: w.get(k, v) for k, v in base.items()}))
+        out.append(save_tensors(root / f"expert{i}", {k: w.get(k, v) for k, v in base.items()}))
     return out
 
 

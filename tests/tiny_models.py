@@ -72,3 +72,16 @@ def families() -> dict[str, Callable[[], Any]]:
         "llama": lambda: T.LlamaForCausalLM(llama),
         "qwen2": lambda: T.Qwen2ForCausalLM(qwen2),
     }
+
+
+def save_tensors(folder: Any, tensors: dict[str, Any]) -> Any:
+    """``tensors`` as a one-shard checkpoint folder with a minimal Qwen2 config (for method tests on hand-made
+    tensors); returns the folder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    return folder
