@@ -373,10 +373,11 @@ def _eval_tasks(models: list[str], tasks: str, out_dir: Path, data: list[str] | 
     names = [model_name(m) for m in models]
     dirs = [out_dir] if len(models) == 1 else [out_dir / _unique(n, names[:i]) for i, n in enumerate(names)]
     kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    data_by_task, images_by_task = _pairs(data, "--data"), _pairs(images, "--images")
     done: list[dict] = []
     for m, d in zip(models, dirs, strict=True):
-        res = evaluate(m, tasks.split(","), out=d, data=_pairs(data, "--data"), splits=splits,
-                       image_sources=_pairs(images, "--images"), limit=limit, seed=seed, base=base, device=device,
+        res = evaluate(m, tasks.split(","), out=d, data=data_by_task, splits=splits,
+                       image_sources=images_by_task, limit=limit, seed=seed, base=base, device=device,
                        dtype=dtype, batch_size=batch_size, box_format=box_format, processor_kwargs=kwargs or None,
                        progress=progress, name=d.name if len(models) > 1 else None)
         done.append(res)
