@@ -54,6 +54,7 @@ def merge(
     use_kernels: bool | None = None,
     sync: bool | None = None,
     strategy: Strategy | None = None,
+    resume: bool | None = None,
 ) -> Any:
     """Merge the recipe's experts into ``output`` (a Hugging Face checkpoint folder); return a MergeReport.
 
@@ -64,14 +65,16 @@ def merge(
     'sha256', or False/'none'. ``use_kernels=False`` keeps to torch operations (the compiled fused kernels of
     :mod:`omnimerge.kernels` give bit-identical results, faster). ``sync=False`` skips flushing the output to
     disk before it is committed. ``strategy='whole'`` merges every tensor whole (no block streaming; the same
-    bits). Raises :class:`omnimerge.errors.OmniMergeError` with a readable message on any bad input; on failure
-    nothing is left at ``output``.
+    bits). ``resume=True`` continues an unfinished earlier run of the same merge (see
+    :class:`~omnimerge.options.MergeOptions`). Raises :class:`omnimerge.errors.OmniMergeError` with a readable
+    message on any bad input; on failure nothing is left at ``output`` (with ``resume``, the unfinished folder is
+    kept, hidden beside it).
     """
     from omnimerge.engine import MergeRun
 
     opts = as_options(options, overwrite=overwrite, device=device, workers=workers, progress=progress, echo=echo,
                       check_finite=check_finite, hash_inputs=hash_inputs, use_kernels=use_kernels, sync=sync,
-                      strategy=strategy)
+                      strategy=strategy, resume=resume)
     r = as_recipe(recipe, overrides)
     if r.mode == "modality":
         from omnimerge.modality import merge_modalities

@@ -51,6 +51,12 @@ def merge(
         bool, typer.Option("--sync/--no-sync", help="flush the output to disk before finishing (--no-sync: faster; "
                            "a power loss soon after may leave it truncated)")
     ] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue an unfinished earlier run of this merge into OUTPUT (killed, "
+                           "out of memory, power loss): tensors it wrote that verify are kept, the output is "
+                           "byte-identical to an uninterrupted run's; if this run fails or is interrupted, its "
+                           "unfinished output is kept for the next --resume")
+    ] = False,
 ) -> None:
     """Merge the experts of RECIPE into OUTPUT."""
     import_engine()
@@ -74,6 +80,7 @@ def merge(
         echo=lambda m: console.print(f"[yellow]note:[/] {escape(str(m))}", highlight=False),
         hash_inputs=hash_inputs,
         sync=sync,
+        resume=resume,
     )
     out.print(f"[green]done[/] {escape(report.summary())}", highlight=False)
 

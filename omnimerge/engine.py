@@ -176,6 +176,12 @@ class MergeRun:
                 raise RecipeError("task_models: give single parameter values (the masks' loader rebuilds every "
                                   "tensor with one scaling)")
             self.strategy = "whole"  # the masks are computed from each tensor's whole task vectors
+        self.resume = o.resume
+        if o.resume and (recipe.output != "full" or recipe.task_models or recipe.mode != "capability"):
+            what = ("output: lora" if recipe.output != "full" else "task_models" if recipe.task_models
+                    else f"mode: {recipe.mode}")
+            raise RecipeError(f"--resume: only merges into one checkpoint folder can be resumed, not {what} "
+                              f"(run it again without --resume)")
         if self.output is not None:
             check_output_apart(self.output, self._input_folders())
         if self.output is not None and self.output.exists() and not self.overwrite:
@@ -923,7 +929,7 @@ class MergeRun:
         t0 = time.perf_counter()
         hasher: FileHasher | None = None
         writer: ShardedWriter | None = None
-        with AtomicOutput(self.output, self.overwrite, self.notes) as output:
+        with AtomicOutput(self.output, self.overwrite, self.notes, resume=self.resume) as output:
             try:
                 jobs = self._prepare()
                 assert self.base is not None and self.files_src is not None
@@ -932,8 +938,10 @@ class MergeRun:
                 if self.hash_algorithm:
                     hasher = FileHasher([f for _, _, fs in inputs for f in fs], algorithm=self.hash_algorithm).start()
                 stats = self.global_stats(jobs)
-                tmp = output.folder()
+                resumable = self.recipe.output == "full" and not self.recipe.task_models
+                tmp = output.folder(self.fingerprint(jobs) if resumable else None)
                 lora: dict[str, Any] = {}
+                resumed = 0
                 if self.recipe.output == "lora":
                     lora = self._merge_to_adapter(jobs, tmp, stats)
                     shard_files: list[Path] = []
@@ -944,12 +952,20 @@ class MergeRun:
                         self.shard_bytes,
                         metadata={"omnimerge_method": self.method.name},
                         sync=self.sync,
+                        journal=True,
+                        reuse=output.reused,
                     )
+                    todo = jobs
+                    if output.reused:
+                        resumed = len(writer.resumed)
+                        todo = [j for j in jobs if j.name not in writer.resumed]
+                        self.notes(f"resuming an unfinished earlier run: {resumed} of {len(jobs)} tensors it wrote "
+                                   f"are verified and kept; writing the other {len(todo)}")
                     if self.recipe.task_models:
                         self._task_masks = TaskMaskWriter(
                             tmp / TASK_DIR, [(j.name, j.meta.shape) for j in jobs if j.merged],
                             [s.label for s in self.experts], self.shard_bytes, sync=self.sync)
-                    self.stream(jobs, writer, stats)
+                    self.stream(todo, writer, stats, on_done=writer.completed)
                     shard_files = writer.finish()
                     writer = None
                     if self._task_masks is not None:
@@ -965,6 +981,7 @@ class MergeRun:
                 if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
                     (tmp / "config.json").unlink(missing_ok=True)
                 report = self._report(jobs, time.perf_counter() - t0, shard_files)
+                report.resumed = resumed
                 if self._task_masks is not None:
                     report.task_models = {k: task_index[k] for k in ("tasks", "rescalers", "mask_bytes",
                                                                      "experts_bytes")}
@@ -1023,6 +1040,40 @@ class MergeRun:
             sink.close()
         return {**sink.summary, "shards": [f.name for f in files]}
 
+    def fingerprint(self, jobs: list[Job]) -> dict[str, str]:
+        """What determines the output's bytes, digested per part: omnimerge's version, the recipe (as resolved,
+        with its folder), the method's parameters, how it runs where that can change bits (device type,
+        strategy, kernels), every input file (path, size, modification time) and the output plan. A resumed run
+        continues an unfinished one only if all parts agree."""
+        import json
+
+        import xxhash
+
+        from omnimerge import __version__
+
+        assert self.base is not None
+
+        def digest(obj: Any) -> str:
+            return xxhash.xxh3_128(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+        files = list(self.base.files) + self.config_files(self.base.path)
+        for src in self.experts:
+            files += src.input_files()
+        files += [sf.path for sf in self.stat_files]
+        inputs = []
+        for f in files:
+            st = os.stat(f)
+            inputs.append([os.path.realpath(f), st.st_size, st.st_mtime_ns])
+        return {
+            "omnimerge version": __version__,
+            "recipe": digest([self.recipe.to_yaml(), str(self.recipe.base_path)]),
+            "parameters": digest(plain(self.kwargs)),
+            "device, strategy and kernels": digest([self.device.type, self.strategy, self.use_kernels]),
+            "input files": digest(inputs),
+            "output plan": digest([[j.name, str(j.out_dtype), list(j.meta.shape), j.merged] for j in jobs]
+                                  + [self.shard_bytes]),
+        }
+
     @staticmethod
     def config_files(folder: Path) -> list[Path]:
         """The config files of a model folder that identify it (hashed into the model card)."""
@@ -1036,9 +1087,10 @@ class MergeRun:
             total += sum(f.stat().st_size for f in src.input_files() if f.suffix != ".json")
         return total
 
-    def stream(self, jobs: list[Job], writer: Sink, stats: Any, workers: int | None = None) -> None:
+    def stream(self, jobs: list[Job], writer: Sink, stats: Any, workers: int | None = None,
+               on_done: Callable[[str], None] | None = None) -> None:
         """Run ``jobs`` (merge or copy) into ``writer`` on the worker threads (``workers``, default the merge's)
-        under the memory budget."""
+        under the memory budget; ``on_done(name)`` once a tensor is final (e.g. the writer's journal)."""
 
         def run_job(job: Job) -> None:
             if job.merged:
@@ -1046,6 +1098,8 @@ class MergeRun:
             else:
                 self._copy_job(job, writer)
             self._release(job)
+            if on_done is not None:
+                on_done(job.name)
 
         execute(jobs, run_job, workers=workers or self.workers, prefetch=self._prefetch, progress=self.progress)
 

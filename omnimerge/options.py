@@ -44,6 +44,11 @@ class MergeOptions:
             and the streamed kernels read them in their stored dtype: measured on qwen2-0.5b shapes, 3 experts
             (``benchmarks/bench_memory_merge.py``), later merges took 1.09 s (task arithmetic) and 3.0 s (TIES)
             without it, 1.44 s and 10.0 s with it (7 GB kept).
+        resume: continue an unfinished earlier run of the same merge into the same output (killed, out of
+            memory, power loss): the tensors it wrote whose bytes verify against its journal are kept, the rest
+            merged, and the output is byte-identical to an uninterrupted run's. A merge that fails or is
+            interrupted with ``resume`` keeps its unfinished folder (hidden, beside the output) for the next
+            resumed run. Only for merges into one checkpoint folder.
     """
 
     overwrite: bool = False
@@ -57,6 +62,7 @@ class MergeOptions:
     sync: bool = True
     strategy: Strategy = "auto"
     keep_inputs: bool = False
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

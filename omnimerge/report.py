@@ -35,6 +35,8 @@ class MergeReport:
     strategies: dict[str, int] = field(default_factory=dict)
     #: with the recipe's ``task_models``: the tasks, their rescalers, the masks' bytes and the T experts' bytes
     task_models: dict[str, Any] = field(default_factory=dict)
+    #: with ``--resume``: the tensors kept from the unfinished earlier run (verified, not merged again)
+    resumed: int = 0
 
     def summary(self) -> str:
         mb = self.input_bytes / 1e6
@@ -49,6 +51,8 @@ class MergeReport:
             tm = self.task_models
             what += (f", with per-task masks for {len(tm['tasks'])} tasks ({tm['mask_bytes'] / 1e6:.1f} MB; the "
                      f"{len(tm['tasks'])} experts: {tm['experts_bytes'] / 1e6:.1f} MB)")
+        if self.resumed:
+            what += f" ({self.resumed} kept from the unfinished earlier run)"
         return f"{self.method}: {what}, {self.seconds:.2f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s of input) -> {where}"
 
 

@@ -240,7 +240,9 @@ def write_model_card(
         f"Paper: {method.paper}" + (f" — {method.url}" if method.url else ""),
         "",
         f"Merged tensors: {report.get('merged', 0)}; copied from the base: {report.get('copied', 0)}; "
-        f"time: {report.get('seconds', 0):.1f} s.",
+        f"time: {report.get('seconds', 0):.1f} s."
+        + (f" Resumed: {report['resumed']} tensors were kept from an unfinished earlier run (verified against "
+           f"its journal)." if report.get("resumed") else ""),
         "",
         "## Inputs",
         "",

@@ -12,6 +12,16 @@ disk writes overlap with the merge instead of all waiting for the end.
 
 The writer works inside a temporary folder; :func:`commit_dir` renames it into place only on success, and
 :func:`discard_dir` removes it on failure, so a failed merge leaves nothing at the output path.
+
+**Resuming.** With ``journal=True`` the writer appends one line per finished tensor to :data:`JOURNAL_FILE` in
+its folder: the tensor's name and the xxh3-128 digest of its bytes (hashed as the bytes are written; a tensor
+patched after writing is hashed from the file). A run killed at any point (SIGKILL, out of memory, power loss)
+leaves its temporary folder, with :data:`RESUME_FILE` holding the fingerprint of what it merged; a later run of
+the same merge with ``--resume`` claims the folder (:class:`AtomicOutput`), reopens the shards whose header is
+the planned one (``reuse=True``), and keeps exactly the journaled tensors whose bytes still hash to the recorded
+digest (:attr:`ShardedWriter.resumed`); everything else is written again, so the output is byte-identical to an
+uninterrupted run's. Tensors copied byte for byte from an input are not journaled (copying them again costs a
+kernel-side copy).
 """
 
 from __future__ import annotations
@@ -52,6 +62,12 @@ class _Shard:
     fd: int = -1
     unflushed: int = 0  # bytes written since the last fdatasync
 
+
+#: in a temporary output folder: one JSON line ``[name, xxh3-128 hex digest]`` per finished tensor
+JOURNAL_FILE = ".omnimerge-journal"
+#: in a temporary output folder: the fingerprint of the merge writing it (what a resumed run must match)
+RESUME_FILE = ".omnimerge-resume.json"
+_HASH_CHUNK = 16 << 20
 
 #: bytes written to a shard between background flushes
 FLUSH_BYTES = int(os.environ.get("OMNIMERGE_FLUSH_BYTES", 64 << 20))
@@ -183,6 +199,9 @@ class ShardedWriter:
         sync: flush the shards to disk before finishing (``fsync``). Without it the output is complete in the
             page cache when the merge returns and reaches the disk later, as with most tools: a power loss soon
             after may leave it truncated.
+        journal: record each tensor :meth:`completed` in :data:`JOURNAL_FILE` (what a resumed run keeps).
+        reuse: ``folder`` holds an unfinished earlier run of the same plan: reopen its shards whose header is the
+            planned one and keep its journaled tensors whose bytes verify (:attr:`resumed`).
     """
 
     whole_tensors = False  # (a Sink: takes blocks and patches)
@@ -196,6 +215,8 @@ class ShardedWriter:
         metadata: dict[str, str] | None = None,
         flush_bytes: int = FLUSH_BYTES,
         sync: bool = True,
+        journal: bool = False,
+        reuse: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.prefix = prefix
@@ -203,6 +224,14 @@ class ShardedWriter:
         self._lock = threading.Lock()
         self._flusher: _Flusher | None = None
         self.planned: dict[str, _Planned] = {}
+        #: tensors kept from the unfinished earlier run (``reuse``): journaled and verified
+        self.resumed: set[str] = set()
+        self._journal = journal
+        self._journal_fd = -1
+        self._streams: dict[str, tuple[Any, int]] = {}  # name -> (xxh3 state, next byte) of in-order parts
+        self._digests: dict[str, str] = {}  # name -> digest of the bytes written
+        self._unhashed: set[str] = set()  # patched or written out of order: hashed from the file when complete
+        reused: set[int] = set()
         groups: list[list[_Planned]] = [[]]
         current = 0
         for name, dtype, shape in plan:
@@ -244,8 +273,14 @@ class ShardedWriter:
                 p.offset += data_start + int(header[p.name]["data_offsets"][0])  # type: ignore[index]
             shard.size = data_start + pos
             self.shards.append(shard)
-            self._create(shard, len(hb).to_bytes(8, "little") + hb)
+            head = len(hb).to_bytes(8, "little") + hb
+            if reuse and self._reopen(shard, head):
+                reused.add(i)
+            else:
+                self._create(shard, head)
         self.sync = sync
+        if journal:
+            self._open_journal(reused if reuse else set())
         self._flusher = _Flusher(self.shards, flush_bytes) if flush_bytes > 0 and sync else None
 
     def _create(self, shard: _Shard, head: bytes) -> None:
@@ -263,6 +298,134 @@ class ShardedWriter:
         except OSError as e:
             raise _as_output_error(e, str(shard.path)) from None
         _write_all(shard.fd, memoryview(head), 0, str(shard.path))
+
+    def _reopen(self, shard: _Shard, head: bytes) -> bool:
+        """Open an earlier run's shard for writing if it has the planned size and header (else False)."""
+        try:
+            st = os.lstat(shard.path)
+        except OSError:
+            return False
+        import stat
+
+        if not stat.S_ISREG(st.st_mode) or st.st_size != shard.size:
+            return False
+        try:
+            fd = os.open(shard.path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        if os.pread(fd, len(head), 0) != head:
+            os.close(fd)
+            return False
+        shard.fd = fd
+        return True
+
+    # -- the journal ---------------------------------------------------------------------------------------------
+    def _open_journal(self, reused: set[int]) -> None:
+        """Keep the journaled tensors of the reused shards whose bytes verify, rewrite the journal with only
+        those, and open it for appending."""
+        path = self.folder / JOURNAL_FILE
+        kept: list[tuple[str, str]] = []
+        if reused:
+            try:
+                lines = path.read_bytes().split(b"\n")
+            except OSError:
+                lines = []
+            seen: set[str] = set()
+            for line in lines:
+                try:
+                    name, digest = json.loads(line)
+                except (ValueError, TypeError):  # the torn last line of a killed run, or garbage
+                    continue
+                if not isinstance(name, str) or not isinstance(digest, str) or name in seen:
+                    continue
+                p = self.planned.get(name)
+                if p is None or p.shard not in reused or self._file_digest(p) != digest:
+                    continue
+                seen.add(name)
+                kept.append((name, digest))
+                p.written = True
+                self.resumed.add(name)
+        tmp = path.with_name(path.name + ".new")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(self._journal_line(n, d).decode("utf-8") for n, d in kept)
+            os.replace(tmp, path)
+            self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise _as_output_error(e, str(path)) from None
+
+    @staticmethod
+    def _journal_line(name: str, digest: str) -> bytes:
+        return (json.dumps([name, digest], ensure_ascii=True) + "\n").encode("ascii")
+
+    def _file_digest(self, p: _Planned) -> str:
+        """The xxh3-128 digest of tensor ``p``'s bytes as they are in its shard."""
+        import xxhash
+
+        h = xxhash.xxh3_128()
+        fd, done = self.shards[p.shard].fd, 0
+        while done < p.nbytes:
+            chunk = os.pread(fd, min(_HASH_CHUNK, p.nbytes - done), p.offset + done)
+            if not chunk:
+                break
+            h.update(chunk)
+            done += len(chunk)
+        return h.hexdigest()
+
+    def completed(self, name: str) -> None:
+        """Tensor ``name`` is final (written, and patched if it was): record it in the journal. Raw copies are
+        not recorded (a resumed run copies them again). Thread-safe."""
+        if self._journal_fd < 0:
+            return
+        p = self._slot(name)
+        with self._lock:
+            digest = self._digests.pop(name, None)
+            unhashed = name in self._unhashed
+            self._unhashed.discard(name)
+            self._streams.pop(name, None)
+        if not p.written:
+            return
+        if unhashed:
+            digest = self._file_digest(p)
+        if digest is None:
+            return
+        line = self._journal_line(name, digest)
+        with self._lock:
+            if self._journal_fd >= 0:
+                _write_all(self._journal_fd, memoryview(line), 0, str(self.folder / JOURNAL_FILE))
+
+    def _hash_whole(self, name: str, data: memoryview) -> None:
+        if self._journal_fd >= 0:
+            import xxhash
+
+            digest = xxhash.xxh3_128(data).hexdigest()
+            with self._lock:
+                self._digests[name] = digest
+                self._unhashed.discard(name)
+                self._streams.pop(name, None)
+
+    def _hash_part(self, name: str, data: memoryview, at: int, last: bool) -> None:
+        if self._journal_fd < 0:
+            return
+        import xxhash
+
+        with self._lock:
+            if name in self._unhashed:
+                return
+            state = self._streams.get(name)
+            if at == 0:
+                state = (xxhash.xxh3_128(), 0)
+            elif state is None or state[1] != at:  # out of order: hash the finished tensor from the file
+                self._unhashed.add(name)
+                self._streams.pop(name, None)
+                return
+            h = state[0]
+            self._streams[name] = (h, at + len(data))
+        h.update(data)  # (one tensor's parts come from one thread)
+        if last:
+            with self._lock:
+                if name not in self._unhashed and self._streams.pop(name, None) is not None:
+                    self._digests[name] = h.hexdigest()
 
     # -- writing ---------------------------------------------------------------------------------------------
     def _slot(self, name: str, nbytes: int | None = None) -> _Planned:
@@ -285,6 +448,7 @@ class ShardedWriter:
         shard = self.shards[p.shard]
         _write_all(shard.fd, data, p.offset, str(shard.path))
         p.written = True
+        self._hash_whole(name, data)
         if self._flusher is not None:
             self._flusher.wrote(shard, len(data))
 
@@ -300,6 +464,7 @@ class ShardedWriter:
             raise OutputError(f"tensor '{name}': part [{start}, +{part.numel()}) lies outside the tensor")
         shard = self.shards[p.shard]
         _write_all(shard.fd, data, p.offset + start * esize, str(shard.path))
+        self._hash_part(name, data, start * esize, last)
         if last:
             p.written = True
         if self._flusher is not None:
@@ -319,6 +484,9 @@ class ShardedWriter:
             return
         if int(index[0]) < 0 or int(index[-1]) >= numel:
             raise OutputError(f"tensor '{name}': patch index outside the tensor's {numel} elements")
+        with self._lock:
+            self._unhashed.add(name)
+            self._digests.pop(name, None)
         shard = self.shards[p.shard]
         win = 1 << 16
         wins = index // win
@@ -362,6 +530,9 @@ class ShardedWriter:
                 raise OutputError(f"{where}: input ended early while copying tensor '{name}'")
             done += n
         p.written = True
+        with self._lock:  # not journaled (see completed)
+            self._digests.pop(name, None)
+            self._unhashed.discard(name)
         if self._flusher is not None:
             self._flusher.wrote(shard, nbytes)
 
@@ -404,6 +575,10 @@ class ShardedWriter:
 
     def close(self) -> None:
         self._stop_flusher()  # before the descriptors close: the flusher must not sync a closed (or reused) fd
+        with self._lock:
+            if self._journal_fd >= 0:
+                os.close(self._journal_fd)
+                self._journal_fd = -1
         for s in self.shards:
             if s.fd >= 0:
                 os.close(s.fd)
@@ -461,35 +636,82 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(target: Path, echo: Callable[[str], None] | None = None) -> list[Path]:
-    """Remove the temporary folders beside ``target`` left by dead runs (their owner PID is gone), saying so; a
-    folder whose owner still runs, or that has no owner file, is left alone."""
+def dead_temp_dirs(target: Path) -> list[tuple[Path, int]]:
+    """The temporary folders beside ``target`` left by dead runs of this host (their owner PID is gone), with
+    that PID, oldest first; a folder whose owner still runs, or that has no owner file, is not one."""
     parent, prefix = target.parent, temp_prefix(target)
-    removed: list[Path] = []
+    found: list[tuple[float, Path, int]] = []
     try:
         entries = list(parent.iterdir())
     except OSError:
-        return removed
+        return []
     for p in entries:
         if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
             continue
         try:
             text = (p / OWNER_FILE).read_text(encoding="ascii").split()
             host, pid = text[0], int(text[1])
+            when = (p / OWNER_FILE).stat().st_mtime
         except (OSError, ValueError, IndexError, UnicodeDecodeError):
             continue
         if host != _host() or _pid_alive(pid):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        found.append((when, p, pid))
+    return [(p, pid) for _, p, pid in sorted(found)]
+
+
+def remove_stale_temp_dirs(target: Path, echo: Callable[[str], None] | None = None, why: str = "") -> list[Path]:
+    """Remove the temporary folders beside ``target`` left by dead runs (see :func:`dead_temp_dirs`), saying so
+    (``why``: added to the message)."""
+    removed: list[Path] = []
+    for p, pid in dead_temp_dirs(target):
+        _remove_dead(p, pid, echo, why)
         if not p.exists():
             removed.append(p)
-            if echo:
-                echo(f"removed {p}: the temporary folder of an earlier run (pid {pid}) that did not finish")
     return removed
+
+
+def _remove_dead(p: Path, pid: int, echo: Callable[[str], None] | None, why: str = "") -> None:
+    resumable = (p / RESUME_FILE).is_file()
+    shutil.rmtree(p, ignore_errors=True)
+    if not p.exists() and echo:
+        hint = why or (" (--resume would have continued it)" if resumable else "")
+        echo(f"removed {p}: the temporary folder of an earlier run (pid {pid}) that did not finish{hint}")
+
+
+def read_fingerprint(folder: Path) -> dict[str, str] | None:
+    """The fingerprint an unfinished run recorded in ``folder`` (None: none, or unreadable)."""
+    try:
+        raw = (folder / RESUME_FILE).read_bytes()
+        if len(raw) > 1 << 16:
+            return None
+        data = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return None
+    return data
 
 
 def _host() -> str:
     return os.uname().nodename.replace(" ", "_") or "-"
+
+
+def _claim(folder: Path, target: Path) -> Path | None:
+    """Take over a dead run's temporary folder: renamed (atomically: of two runs claiming it, one wins) to a
+    fresh temporary name, with this process as its owner; None if another run took it first."""
+    import secrets
+
+    new = folder.with_name(temp_prefix(target) + secrets.token_hex(4))
+    try:
+        os.rename(folder, new)
+    except OSError:
+        return None
+    try:
+        (new / OWNER_FILE).write_text(f"{_host()} {os.getpid()}\n", encoding="ascii")
+    except OSError as e:
+        raise OutputError(f"{new}: cannot take over the unfinished output ({e.strerror or e})") from None
+    return new
 
 
 def make_temp_dir(target: Path, created: list[Path] | None = None) -> Path:
@@ -519,7 +741,8 @@ def make_temp_dir(target: Path, created: list[Path] | None = None) -> Path:
 
 def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished temporary folder to ``target``; an existing target is replaced only if allowed."""
-    (tmp / OWNER_FILE).unlink(missing_ok=True)
+    for bookkeeping in (OWNER_FILE, JOURNAL_FILE, RESUME_FILE):
+        (tmp / bookkeeping).unlink(missing_ok=True)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
@@ -553,23 +776,63 @@ class AtomicOutput:
     Leaving the block without :meth:`commit` (an error, Ctrl-C) removes the temporary folder: a failed run leaves
     nothing behind. An OSError raised inside becomes the one-line :class:`OutputError` of :func:`run_error`.
     Close what writes into the folder (inside the block, e.g. in a ``finally``) before it is removed.
+
+    ``resume``: :meth:`folder` given a fingerprint takes over the folder of a dead earlier run with the same
+    fingerprint (:attr:`reused`; see the module's *Resuming*), and a failed or interrupted run keeps its folder
+    for the next resumed run instead of removing it (saying where it is).
     """
 
-    def __init__(self, target: Path, overwrite: bool, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, target: Path, overwrite: bool, echo: Callable[[str], None] | None = None,
+                 resume: bool = False) -> None:
         self.target = target
         self.overwrite = overwrite
         self.echo = echo
+        self.resume = resume
+        #: the folder is an unfinished earlier run's, taken over (``resume``)
+        self.reused = False
         self._tmp: Path | None = None
         self._created: list[Path] = []  # parent folders made for the output, innermost first
 
     def __enter__(self) -> AtomicOutput:
         return self
 
-    def folder(self) -> Path:
+    def folder(self, fingerprint: dict[str, str] | None = None) -> Path:
+        """The temporary folder (made, or with ``resume`` taken over, on first use). ``fingerprint``: what this
+        run merges (recorded in :data:`RESUME_FILE`, so that a resumed run can tell it is the same merge)."""
         if self._tmp is None:
+            if self.resume and fingerprint is not None:
+                self._tmp = self._take_over(fingerprint)
             remove_stale_temp_dirs(self.target, self.echo)
-            self._tmp = make_temp_dir(self.target, self._created)
+            if self._tmp is None:
+                self._tmp = make_temp_dir(self.target, self._created)
+                if fingerprint is not None:
+                    try:
+                        (self._tmp / RESUME_FILE).write_text(json.dumps(fingerprint, sort_keys=True) + "\n",
+                                                             encoding="utf-8")
+                    except OSError as e:
+                        raise run_error(e, self.target) from None
         return self._tmp
+
+    def _take_over(self, fingerprint: dict[str, str]) -> Path | None:
+        """The newest dead run's folder with ``fingerprint``, claimed; the other dead runs' folders are removed,
+        saying why they were not resumed."""
+        claimed: Path | None = None
+        for p, pid in reversed(dead_temp_dirs(self.target)):
+            old = read_fingerprint(p)
+            if old == fingerprint:
+                if claimed is None:
+                    claimed = _claim(p, self.target)
+                    if claimed is not None:
+                        self.reused = True
+                        continue
+                why = " (a newer unfinished run of the same merge is resumed instead)"
+            elif old is None:
+                why = " (it recorded nothing to resume from)"
+            else:
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                why = f" (not resumed: its {', '.join(changed)} differ from this run's)"
+            _remove_dead(p, pid, self.echo, why)
+        return claimed
 
     def commit(self) -> None:
         commit_dir(self.folder(), self.target, self.overwrite)
@@ -578,8 +841,15 @@ class AtomicOutput:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._tmp is not None:
-            discard_dir(self._tmp)
-            self._tmp = None
+            if self.resume and exc is not None and (self._tmp / RESUME_FILE).is_file():
+                if self.echo:
+                    self.echo(f"kept the unfinished output in {self._tmp}: run the same merge with --resume to "
+                              f"continue it")
+                self._tmp = None
+                self._created.clear()
+            else:
+                discard_dir(self._tmp)
+                self._tmp = None
         for d in self._created:  # folders made for a failed output go too (only if empty: never others' files)
             try:
                 d.rmdir()
