@@ -343,6 +343,9 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="the mini suite: also write its scores as "
                                                   "JSON here")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted evaluation into --out: the "
+                                         "chunks it answered are kept (scored again), the rest generated; the "
+                                         "same results as an uninterrupted run")] = False,
 ) -> None:
     """Evaluate models (or merges, in memory) on the paper's benchmarks: results per task, capability, overall."""
     from omnimerge.errors import OmniMergeError
@@ -360,13 +363,13 @@ def eval_(
     if out_dir is None:
         raise OmniMergeError("eval --tasks: --out DIR is required (results.json, predictions.jsonl go there)")
     _eval_tasks(models, tasks or "", out_dir, data, split, images, limit, seed, base, device, dtype, batch_size,
-                box_format, min_pixels, max_pixels, progress)
+                box_format, min_pixels, max_pixels, progress, resume)
 
 
 def _eval_tasks(models: list[str], tasks: str, out_dir: Path, data: list[str] | None, split: list[str] | None,
                 images: list[str] | None, limit: int | None, seed: int, base: str | None, device: str,
                 dtype: str | None, batch_size: int, box_format: str, min_pixels: int | None,
-                max_pixels: int | None, progress: bool) -> None:
+                max_pixels: int | None, progress: bool, resume: bool = False) -> None:
     from omnimerge.errors import OmniMergeError
     from omnimerge.eval.results import write_table
     from omnimerge.eval.runner import evaluate, model_name
@@ -386,7 +389,8 @@ def _eval_tasks(models: list[str], tasks: str, out_dir: Path, data: list[str] | 
         res = evaluate(m, tasks.split(","), out=d, data=data_by_task, splits=splits,
                        image_sources=images_by_task, limit=limit, seed=seed, base=base, device=device,
                        dtype=dtype, batch_size=batch_size, box_format=box_format, processor_kwargs=kwargs or None,
-                       progress=progress, name=d.name if len(models) > 1 else None)
+                       progress=progress, name=d.name if len(models) > 1 else None, resume=resume,
+                       echo=lambda msg: console.print(f"[yellow]note:[/] {escape(str(msg))}", highlight=False))
         done.append(res)
         _print_results(res, d)
     if len(models) > 1:
