@@ -15,6 +15,7 @@ eval`` loop (:mod:`omnimerge.eval.runner`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,10 @@ class Objective(Protocol):
     def load_model(self, path: str | Path) -> Any: ...
 
     def score(self, model: Any, split: str) -> dict[str, dict[str, Any]]: ...
+
+    def score_iter(self, model: Any, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The scores task by task, in a fixed order (what pruning looks at between tasks)."""
+        ...
 
     def sizes(self) -> dict[str, int]: ...
 
@@ -92,9 +97,14 @@ class MiniSuiteObjective:
         return load_model(path)
 
     def score(self, model: Any, split: str) -> dict[str, dict[str, Any]]:
+        return dict(self.score_iter(model, split))
+
+    def score_iter(self, model: Any, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         from omnimerge.bench.evaluate import evaluate
 
-        return evaluate(model, self._suite(split), self.enc)
+        suite = self._suite(split)
+        for task, es in suite.items():
+            yield task, evaluate(model, {task: es}, self.enc)[task]
 
 
 class TaskPoolObjective:
@@ -148,18 +158,19 @@ class TaskPoolObjective:
         return loaded.model
 
     def score(self, model: Any, split: str) -> dict[str, dict[str, Any]]:
+        return dict(self.score_iter(model, split))
+
+    def score_iter(self, model: Any, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         from omnimerge.eval.runner import run_task
 
         if split not in SPLITS:
             raise SearchError(f"objective: unknown split {split!r} (known: {', '.join(SPLITS)})")
         if self._backend is None or self._backend.model is not model:
             raise SearchError("objective: score a model this objective loaded (load_model)")
-        out = {}
         for name, data in self._data[split].items():
             entry, _rows = run_task(self._backend, data, self._backend.box_format)
             head = entry.get("paper_value") if entry.get("paper_value") is not None else entry["value"]
-            out[name] = {"score": float(head or 0.0), "se": float(entry["stderr"] or 0.0), "n": entry["n"]}
-        return out
+            yield name, {"score": float(head or 0.0), "se": float(entry["stderr"] or 0.0), "n": entry["n"]}
 
 
 def make_objective(spec: MiniSpec | TasksObjective) -> Objective:

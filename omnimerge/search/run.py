@@ -154,6 +154,12 @@ def _trial_id(storage: Any, study: Any, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
+def _finished_states() -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def recover(study: Any, storage: Any) -> list[int]:
     """Fail the RUNNING trials whose process (on this machine) is gone and queue their parameters again;
     returns their numbers. With a database, stale heartbeats are handled the same way on every machine."""
@@ -174,10 +180,32 @@ def recover(study: Any, storage: Any) -> list[int]:
 
 
 def _counts(study: Any) -> tuple[int, int]:
+    """(finished: complete or pruned, running) trials of the study."""
     from optuna.trial import TrialState
 
-    ts = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return sum(t.state == TrialState.COMPLETE for t in ts), sum(t.state == TrialState.RUNNING for t in ts)
+    ts = study.get_trials(deepcopy=False, states=(*_finished_states(), TrialState.RUNNING))
+    return sum(t.state != TrialState.RUNNING for t in ts), sum(t.state == TrialState.RUNNING for t in ts)
+
+
+def make_pruner(plan: SearchPlan) -> Any:
+    """optuna's pruner for ``prune:`` (steps are the objective's tasks, in order; the reported value is the
+    running mean over the tasks scored so far)."""
+    import optuna
+
+    if plan.spec.prune == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=plan.spec.prune_warmup, n_warmup_steps=0)
+    if plan.spec.prune == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=len(_tasks_of(plan)))
+    return optuna.pruners.NopPruner()
+
+
+def _tasks_of(plan: SearchPlan) -> list[str]:
+    obj = plan.spec.objective
+    if hasattr(obj, "tasks"):
+        return list(obj.tasks)
+    from omnimerge.bench import TASKS
+
+    return list(TASKS)
 
 
 class _Heartbeat:
@@ -224,8 +252,8 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
         study = None
     n_before = len(study.trials) if study is not None else 0
     sampler = make_sampler(plan, seed + n_before + (os.getpid() if storage else 0))
-    study = optuna.create_study(study_name=name, storage=st, sampler=sampler, direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=st, sampler=sampler, pruner=make_pruner(plan),
+                                direction="maximize", load_if_exists=True)
     _check_same_space(study, plan)
     retried = recover(study, st)
     if retried:
@@ -250,7 +278,7 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
                 continue
             trial = study.ask()
             trial.set_user_attr("worker", _owner())
-            ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(*_finished_states(), TrialState.RUNNING))
                         if t.number < trial.number)
             if ahead >= trials:  # another worker took the last place first: give this one back
                 fixed = study.trials[trial.number].system_attrs.get("fixed_params")
@@ -264,13 +292,24 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
             try:
                 t0 = time.perf_counter()
                 tm.apply(params)
-                scores = objective.score(model, "validation")
+                scores: dict[str, dict[str, Any]] = {}
+                pruned = False
+                for step, (task, res) in enumerate(objective.score_iter(model, "validation")):
+                    scores[task] = res
+                    if plan.spec.prune != "none":
+                        trial.report(value(scores)[0], step)
+                        if trial.should_prune():
+                            pruned = True
+                            break
                 v, se = value(scores)
                 trial.set_user_attr("scores", {t: s["score"] for t, s in scores.items()})
                 trial.set_user_attr("n", {t: s["n"] for t, s in scores.items()})
                 trial.set_user_attr("se", se)
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
-                study.tell(trial, v)
+                if pruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    study.tell(trial, v)
             except BaseException:
                 hb.close()
                 if study.trials[trial.number].state == TrialState.RUNNING:
@@ -280,9 +319,14 @@ def run_search(recipe: str | Path, trials: int, out: str | Path, *, storage: str
             run_here += 1
             done = _counts(study)[0]
             per = (time.perf_counter() - t_start) / run_here
-            best = study.best_trial
-            echo(f"trial {done}/{trials} (#{trial.number}): {100 * v:.2f} | best {100 * best.value:.2f} "
-                 f"(#{best.number}) | {per:.2f}s/trial, ETA {max(0, trials - done) * per:.0f}s")
+            what = (f"pruned after {len(scores)} task(s) at {100 * v:.2f}" if pruned else f"{100 * v:.2f}")
+            try:
+                best = study.best_trial
+                best_txt = f"best {100 * best.value:.2f} (#{best.number})"
+            except ValueError:  # every trial so far pruned
+                best_txt = "no complete trial yet"
+            echo(f"trial {done}/{trials} (#{trial.number}): {what} | {best_txt} | {per:.2f}s/trial, ETA "
+                 f"{max(0, trials - done) * per:.0f}s")
         if not report:
             return {"complete": _counts(study)[0], "run_here": run_here}
         summary = write_report(plan, study, tm, objective, model, out, trials, storage, name)
@@ -343,6 +387,9 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
     out.mkdir(parents=True, exist_ok=True)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-t.value, t.number))
+    if not complete:
+        raise SearchError(f"study '{name}': every trial was pruned: raise prune_warmup (trials that always finish) or "
+                          f"run more trials")
     top = []
     for t in complete[: plan.spec.top]:
         tm.apply(t.params)
@@ -398,11 +445,14 @@ def write_report(plan: SearchPlan, study: Any, tm: Any, objective: Objective, mo
     summary = {
         "study": name, "objective": plan.spec.objective.model_dump(), "sampler": plan.spec.sampler,
         "dimensions": [d.name for d in plan.dims], "trials": trials,
-        "complete": len(complete), "failed_or_retried": len(study.get_trials(deepcopy=False,
+        "complete": len(complete),
+        "pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))), "prune": plan.spec.prune,
+        "failed_or_retried": len(study.get_trials(deepcopy=False,
                                                                             states=(TrialState.FAIL,))),
         "merge_path": tm.path, "sizes": objective.sizes(), "baseline": baseline, "top": top, "best": best,
         "best_yaml": str(out / "best.yaml"), "dashboard": dash,
-        "trial_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in complete),
+        "trial_seconds": sum(t.user_attrs.get("seconds", 0.0)
+                             for t in study.get_trials(deepcopy=False, states=_finished_states())),
     }
     atomic_write(out / "summary.json", lambda p: p.write_bytes(json.dumps(summary, indent=1).encode()))
     plots(study, plan, wt.params, out)

@@ -12,6 +12,8 @@ A search recipe is a merge recipe with one more key::
       density: [0.1, 0.9]        # any numeric method parameter
       sampler: tpe               # tpe | cmaes | gp | random | grid
       grid: 4                    # grid sampler: points per dimension
+      prune: median              # none (default) | median | hyperband: stop a trial after a task whose
+      prune_warmup: 5            #   running score is hopeless; pruning starts after this many trials
 
 With ``suite: mini`` the recipe may leave out ``base_model`` and ``models``: they are the miniature zoo's base and
 experts of ``family``. Every problem (an empty or inverted range, a parameter the method does not have, a grid
@@ -90,6 +92,11 @@ class SearchSpec(BaseModel):
     grid: int = Field(default=4, ge=2, le=100)
     #: the top recipes (by validation score) re-scored on fresh data before one is chosen
     top: int = Field(default=3, ge=1, le=50)
+    #: stop a trial between tasks when its running mean is hopeless (optuna's pruners; none: every trial runs
+    #: every task). Pruned trials count toward the budget, and only complete ones can win.
+    prune: Literal["none", "median", "hyperband"] = "none"
+    #: trials finished before pruning starts (the median pruner's startup trials)
+    prune_warmup: int = Field(default=5, ge=0, le=10_000)
 
     @field_validator("scaling", "weights", mode="before")
     @classmethod
