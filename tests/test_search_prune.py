@@ -58,3 +58,11 @@ def test_prune_is_validated(cli, tmp_path: Path, quick_zoo) -> None:  # type: ig
     recipe = search_recipe(tmp_path / "p.yaml", quick_zoo, prune="sometimes")
     res = cli("search", recipe, "--trials", "2", "--out", tmp_path / "o")
     assert res.code == 2 and "prune" in res.err and "Traceback" not in res.text, res.text
+
+
+def test_hyperband_runs_ask_and_tell(quick_zoo, tmp_path: Path) -> None:
+    recipe = search_recipe(tmp_path / "h.yaml", quick_zoo, sampler="random", prune="hyperband",
+                           weights=[0.0, 1.5], layer_groups=None)
+    summary = run_search(recipe, 5, tmp_path / "out", seed=1, echo=lambda _m: None)
+    assert summary["prune"] == "hyperband" and summary["complete"] + summary["pruned"] == 5
+    assert summary["complete"] >= 1 and summary["best"]["trial"] >= 0
