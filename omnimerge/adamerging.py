@@ -23,6 +23,12 @@ clamp(lambda, 0, 1) (a coefficient at a bound gets no gradient pushing it furthe
 task reshuffled every pass over its batches by a generator seeded with ``seed``), sums the tasks' entropies and
 takes one step. Same inputs and seed: same coefficients. The coefficients written are the clamped ones.
 
+Modifiers in the recipe are kept: every one of them acts per expert on its task vector (``dare``,
+``magnitude`` — TIES's trim —, ``breadcrumbs``) or linearly on the merged one (``lines``), so the task vectors the
+optimiser sees are the modified ones and the written recipe, modifiers included, merges to the same model.
+``magnitude`` gives AdaMerging on TIES-trimmed task vectors; AdaMerging++'s sign election is not expressible as a
+modifier and is not implemented.
+
 Memory: only the coefficients require grad. The base and every expert's task vector of each merged tensor are
 held in memory in the recipe's compute dtype (they are obtained from the engine itself: the recipe merged in
 memory once per expert with that expert's weight 1 and the others 0, once with all 0, so LoRA adapters work as
@@ -86,9 +92,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"adamerge: learns task-arithmetic coefficients; the recipe's merge_method is "
                           f"'{recipe.merge_method}' (use task_arithmetic: its scaling and weights are replaced by "
                           f"the learned coefficients)")
-    if recipe.modifiers:
-        raise RecipeError("adamerge: recipes with modifiers are not supported (the learned coefficients multiply "
-                          "the plain task vectors)")
     if any(m.statistics for m in recipe.models):
         raise RecipeError("adamerge: task arithmetic takes no statistics files (models[].statistics)")
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from omnimerge.adamerging import FunctionalMerge, adamerge, entropy_loss
+from omnimerge.adamerging import FunctionalMerge, adamerge, entropy_loss, learned_recipe
 from omnimerge.api import as_recipe, merge_state_dict
 from omnimerge.stats.data import jsonl_batches, read_rows
 from tests.tiny_vlms import save_family, save_tiny_vlm
@@ -114,6 +114,12 @@ def test_a_step_lowers_the_entropy_and_the_engine_merges_what_was_evaluated(fami
     assert len(functional) == len(fm.base) > 0
     for name in fm.base:
         torch.testing.assert_close(engine[name], functional[fm.param_of[name]], rtol=0, atol=1e-6)
+    # Adam's first step moves every coefficient by +-lr: distinct coefficients check every group's place too
+    lam = torch.rand(fm.shape, generator=torch.Generator().manual_seed(3))
+    at_lam = merge_state_dict(learned_recipe(recipe, fm.weights(lam)), progress=False)
+    functional = fm.merged(lam)
+    for name in fm.base:
+        torch.testing.assert_close(at_lam[name], functional[fm.param_of[name]], rtol=0, atol=1e-6)
     with torch.no_grad():  # the engine's merge, loaded into the model, has the entropy reported as learned
         sd = loaded.model.state_dict()
         loaded.model.load_state_dict({**sd, **{fm.param_of[n]: t for n, t in engine.items() if n in fm.param_of}})
@@ -195,3 +201,28 @@ def test_cli_checks_data_before_any_model_loads(family, images, tmp_path: Path, 
     assert res.code == 2 and "learns task-arithmetic coefficients" in res.text
     assert not (tmp_path / "o.yaml").exists()
     assert read_rows(images / "with.jsonl")[0]["answer"] == "red"  # the fixture does carry answers
+
+
+def test_modifiers_are_kept_and_the_engine_still_merges_what_was_evaluated(family, images) -> None:  # type: ignore[no-untyped-def]
+    """TIES's trim (per expert) and LiNeS (linear in the merged task vector) in the recipe: the optimiser sees the
+    trimmed task vectors, and the written recipe, modifiers included, merges to the functional merge."""
+    base, experts = family
+    loaded = _loaded(base)
+    recipe = as_recipe({**_recipe(base, experts), "modifiers": [{"magnitude": {"density": 0.3}},
+                                                                {"lines": {"alpha": 0.5, "beta": 0.5}}]})
+    fm = FunctionalMerge(recipe, loaded.model, "layer")
+    name = next(n for n in fm.base if n.endswith("layers.1.mlp.down_proj.weight"))
+    kept = (fm.task_vectors[0][name] != 0).double().mean()
+    assert 0.25 < kept <= 0.31
+    data = [_batches(images / "without.jsonl", loaded, batch_size=4)]
+    res = adamerge(recipe, loaded.model, data, steps=2, lr=0.05, granularity="layer", functional=fm)
+    assert [list(m) for m in res.recipe["modifiers"]] == [["magnitude"], ["lines"]]
+    engine = merge_state_dict(res.recipe, progress=False)
+    functional = fm.merged(res.coefficients)
+    for n in fm.base:
+        torch.testing.assert_close(engine[n], functional[fm.param_of[n]], rtol=0, atol=1e-6)
+    lam = torch.rand(fm.shape, generator=torch.Generator().manual_seed(4))
+    engine = merge_state_dict(learned_recipe(recipe, fm.weights(lam)), progress=False)
+    functional = fm.merged(lam)
+    for n in fm.base:
+        torch.testing.assert_close(engine[n], functional[fm.param_of[n]], rtol=0, atol=1e-6)
