@@ -15,7 +15,8 @@ The data are prompts only (the chat template's generation prompt at the end, lef
 is the last prompt position, the distribution of the first answer token. With ``answer_tokens`` K > 1 the merged
 model (at the current coefficients, without gradients) first decodes K-1 tokens greedily; the teacher-forced
 forward on prompt + those tokens then gives the K distributions of answer tokens 1..K, whose mean entropy is the
-per-row value (``evaluation-search-data.md`` §3.4). Labels are never read: a batch's ``labels`` are ignored.
+per-row value (the appended tokens get attention mask 1 and token type 0, text; ``evaluation-search-data.md``
+§3.4). Labels are never read: a batch's ``labels`` are ignored.
 
 Optimisation as the paper: every coefficient starts at ``init`` (0.3), the forward pass uses
 clamp(lambda, 0, 1) (a coefficient at a bound gets no gradient pushing it further), Adam (betas 0.9, 0.999) with
@@ -246,9 +247,14 @@ def entropy_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs
                 if banned:
                     nxt_logits[:, list(banned)] = -math.inf
                 nxt = nxt_logits.argmax(-1, keepdim=True)
-                ins["input_ids"] = torch.cat([ins["input_ids"], nxt], dim=1)
-                if mask is not None:
-                    ins["attention_mask"] = torch.cat([ins["attention_mask"], torch.ones_like(nxt)], dim=1)
+                width = ins["input_ids"].shape[1]
+                for k, v in list(ins.items()):  # per-token inputs grow with the text token: mask 1, types 0
+                    if k == "input_ids":
+                        ins[k] = torch.cat([v, nxt], dim=1)
+                    elif k == "attention_mask":
+                        ins[k] = torch.cat([v, torch.ones_like(nxt)], dim=1)
+                    elif not v.is_floating_point() and v.dim() == 2 and tuple(v.shape) == (len(v), width):
+                        ins[k] = torch.cat([v, torch.zeros_like(nxt)], dim=1)
     out = functional_call(model, params, args=(), kwargs={**ins, "use_cache": False})
     logits = out.logits[:, ids.shape[1] - 1:, :]  # positions of answer tokens 1..K
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -226,3 +226,29 @@ def test_modifiers_are_kept_and_the_engine_still_merges_what_was_evaluated(famil
     functional = fm.merged(lam)
     for n in fm.base:
         torch.testing.assert_close(engine[n], functional[fm.param_of[n]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "internvl"])
+def test_other_vlm_families_with_several_answer_tokens(family_name: str, tmp_path: Path) -> None:
+    """M-RoPE (Qwen2-VL: per-token type ids grow with the decoded tokens) and InternVL, prompts of several lengths
+    (left padding), the entropy over two answer tokens: it falls, and the engine merges what was evaluated."""
+    base = save_tiny_vlm(family_name, tmp_path / "base")
+    experts = save_family(base, tmp_path, n=2, scale=0.5)
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 40, 200 - 60 * i)).save(tmp_path / f"im{i}.png")
+        rows.append({"prompt": "what color is this image ?" + " the" * i, "images": [f"im{i}.png"]})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = _loaded(base)
+    data = [_batches(tmp_path / "d.jsonl", loaded, batch_size=3)]
+    assert not bool(data[0][0].inputs["attention_mask"][:, 0].all())  # left-padded rows
+    recipe = as_recipe(_recipe(base, experts))
+    fm = FunctionalMerge(recipe, loaded.model, "layer")
+    res = adamerge(recipe, loaded.model, data, steps=2, lr=0.05, granularity="layer", answer_tokens=2, functional=fm)
+    before, after = res.info["entropy_first_batches"]
+    assert after < before
+    lam = torch.rand(fm.shape, generator=torch.Generator().manual_seed(5))
+    engine = merge_state_dict(learned_recipe(recipe, fm.weights(lam)), progress=False)
+    functional = fm.merged(lam)
+    for n in fm.base:
+        torch.testing.assert_close(engine[n], functional[fm.param_of[n]], rtol=0, atol=1e-6)
