@@ -164,11 +164,8 @@ class FunctionalMerge:
             if p is None:
                 raise OmniMergeError(f"adamerge: the merged tensor '{n}' is not a parameter of the loaded model")
             self.param_of[n] = p
-        self.dtypes = {n: self._model_tensor(model, p).dtype for n, p in self.param_of.items()}
-
-    @staticmethod
-    def _model_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
-        return model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+        self.dtypes = {n: tensors[p].dtype for n, p in self.param_of.items()}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -274,7 +271,8 @@ def adamerge(recipe: Recipe, model: torch.nn.Module, data: Sequence[Sequence[Any
              functional: FunctionalMerge | None = None) -> AdaMergingResult:
     """Learn AdaMerging coefficients for ``recipe`` (task arithmetic) on ``data`` (per task, its batches:
     objects with an ``inputs`` dict of model inputs, prompts only; any ``labels`` are ignored) with ``model``
-    loaded from the recipe's base (see the module docstring)."""
+    loaded from the recipe's base (see the module docstring). The model is put in eval mode and its own
+    parameters set not to require grad; its tensors are not changed (the merged ones are passed functionally)."""
     if steps < 0:
         raise OmniMergeError(f"--steps: must be at least 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
