@@ -548,6 +548,75 @@ def stats_plusplus(
               f"merge_method: regmean, reduce_non_diagonal_ratio: {alpha})", highlight=False)
 
 
+@app.command()
+def adamerge(
+    recipe: Annotated[Path, typer.Argument(help="a task_arithmetic recipe (base, experts, select, dtype)")],
+    data: Annotated[list[str], typer.Option("--data", help="unlabelled adaptation inputs, one task each: "
+                                            "bench:TASK[,TASK] (the miniature suite) or a JSONL of prompts "
+                                            "(+ images; answers are never read); repeatable")],
+    out_recipe: Annotated[Path, typer.Option("-o", "--out", help="the learned recipe to write (.yaml)")],
+    split: Annotated[str, typer.Option("--split", help="bench: split whose inputs are read: test (AdaMerging's "
+                                       "protocol), validation or train")] = "test",
+    n: Annotated[int, typer.Option("--n", help="examples per task")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples per task per step")] = 16,
+    steps: Annotated[int, typer.Option("--steps", help="Adam steps (one batch of every task each)")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="Adam's learning rate")] = 1e-3,
+    granularity: Annotated[str, typer.Option("--granularity", help="task (one coefficient per expert) or layer "
+                                             "(per expert and decoder layer, + one for the rest)")] = "task",
+    init: Annotated[float, typer.Option("--init", help="initial coefficient (the paper: 0.3)")] = 0.3,
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="entropy over the first K answer tokens "
+                                               "(K-1 decoded greedily)")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the batch order (and of the bench data)")] = 0,
+    merge_out: Annotated[Path | None, typer.Option("--merge", help="also merge the learned recipe into this "
+                                                   "folder (the streaming engine)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output recipe / --merge folder")] = False,
+) -> None:
+    """Learn task-arithmetic coefficients by AdaMerging (entropy minimisation on unlabelled inputs)."""
+    import_engine()
+    from omnimerge.adamerging import (
+        GRANULARITIES,
+        adamerge,
+        adaptation_batches,
+        check_data,
+        check_recipe,
+        header_of,
+        write_recipe,
+    )
+    from omnimerge.checkpoint.reader import resolve_model_path
+    from omnimerge.errors import OmniMergeError
+    from omnimerge.eval.models import load_config, load_model
+    from omnimerge.recipe import load_recipe
+
+    if granularity not in GRANULARITIES:
+        raise OmniMergeError(f"--granularity: expected task or layer, got {granularity!r}")
+    if n < 1 or batch_size < 1 or steps < 0 or answer_tokens < 1:
+        raise OmniMergeError("--n, --batch-size and --answer-tokens must be at least 1, --steps at least 0")
+    for p in (out_recipe, merge_out):
+        if p is not None and p.exists() and not overwrite:
+            raise OmniMergeError(f"{p}: already exists (use --overwrite to replace it)")
+    r = load_recipe(recipe)
+    check_recipe(r)
+    base_dir = resolve_model_path(r.base_model, r.base_path)
+    sources = check_data(data, split, n, load_config(base_dir))  # before any model loads
+    loaded = load_model(base_dir, device=device)
+    batches, names, banned = adaptation_batches(sources, loaded, split=split, n=n, batch_size=batch_size, seed=seed)
+    res = adamerge(r, loaded.model, batches, steps=steps, lr=lr, granularity=granularity, init=init, seed=seed,
+                   answer_tokens=answer_tokens, banned=banned, device=device)
+    write_recipe(res, out_recipe, header_of(res, data, split))
+    before, after = res.info["entropy_first_batches"]
+    out.print(f"[green]done[/] {granularity}-wise AdaMerging over {len(names)} task(s) ({', '.join(names)}), "
+              f"{steps} steps, {res.seconds:.1f} s: entropy {before:.4f} -> {after:.4f} -> "
+              f"{escape(str(out_recipe))}", highlight=False)
+    if granularity == "task":
+        out.print("coefficients: " + ", ".join(f"{x:.4f}" for x in res.coefficients[:, 0].tolist()), highlight=False)
+    if merge_out is not None:
+        import omnimerge
+
+        omnimerge.merge(out_recipe, merge_out, overwrite=overwrite, progress=False, device=device)
+        out.print(f"[green]merged[/] -> {escape(str(merge_out))}", highlight=False)
+
+
 def _register_plugins() -> None:
     try:
         from omnimerge.bench.cli import register

@@ -219,3 +219,43 @@ def test_broken_cached_zoo_says_what_to_do(quick_run: tuple[Path, dict], tmp_pat
     (root / "full" / "ocr" / "model.safetensors").unlink()
     with pytest.raises(ZooError, match=r"is broken \(full/ocr/model.safetensors missing\).*--rebuild"):
         build_zoo(ZooConfig.quick_config(SEED), root=root, console=Console(file=io.StringIO()))
+
+
+def _adamerging_run(quick_run: tuple[Path, dict], out: Path, families: list[str], grans: list[str]) -> dict:
+    from rich.console import Console
+
+    from omnimerge.bench.runner import run_bench
+
+    return run_bench(out, methods=["weight_average"], families=families, quick=True,
+                     zoo_root=quick_run[1]["zoo_root"], console=Console(file=io.StringIO()), seed=SEED,
+                     adamerging=grans)
+
+
+def _check_adamerging_rows(res: dict, out: Path, families: list[str], grans: list[str]) -> None:
+    from omnimerge.bench.adamerging import ROW_NAMES, STEPS_QUICK
+
+    assert res["config"]["adamerging"] == grans and not res["failed_methods"]
+    for fam in families:
+        rows = {r["name"]: r for r in res["families"][fam]["rows"]}
+        for g in grans:
+            r = rows[ROW_NAMES[g]]
+            ada = r["adamerging"]
+            assert r["kind"] == "method" and r["scaling"] is None and 0 <= r["mean"] <= 1
+            assert ada["steps"] == STEPS_QUICK and "without labels" in ada["adaptation"]
+            coef = ada["coefficients"]
+            assert len(coef) == len(TASKS) and len(coef[0]) == (1 if g == "task" else len(ada["groups"]))
+            assert all(0 <= c <= 1 for cs in coef for c in cs) and any(c != 0.3 for cs in coef for c in cs)
+            assert ada["entropy_after"] < ada["entropy_before"]  # one batch per task: the same batch every step
+    assert ROW_NAMES[grans[0]] in (out / "results.md").read_text()
+
+
+def test_adamerging_row_lora_layer_wise(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """The CI-size check of the opt-in row: the LoRA family (adapters as experts), layer-wise."""
+    res = _adamerging_run(quick_run, tmp_path / "ada", ["lora"], ["layer"])
+    _check_adamerging_rows(res, tmp_path / "ada", ["lora"], ["layer"])
+
+
+@pytest.mark.slow
+def test_adamerging_rows_both_families_and_granularities(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    res = _adamerging_run(quick_run, tmp_path / "ada", ["full", "lora"], ["task", "layer"])
+    _check_adamerging_rows(res, tmp_path / "ada", ["full", "lora"], ["task", "layer"])

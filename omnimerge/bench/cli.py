@@ -53,6 +53,9 @@ def bench(
                                 "discrimination check or a method fails (the results are written first)"),
     threads: int = typer.Option(0, "--threads", help="torch threads for training the zoo (default: min(2, "
                                 "cores)); float results may differ in the last bits with another count"),
+    adamerging: str = typer.Option("", "--adamerging", help="opt-in AdaMerging rows: task, layer or task,layer "
+                                   "(coefficients learned on the test inputs without labels; ~1 min per row "
+                                   "and family on 2 cores)"),
 ) -> None:
     """Run the miniature MLLM merging benchmark (builds or reuses the zoo first)."""
     _env()
@@ -64,6 +67,12 @@ def bench(
         raise BenchError(str(exc)) from None
     if threads < 0:
         raise BenchError(f"--threads: expected a positive number of threads, got {threads}")
+    from omnimerge.bench.adamerging import parse_granularities
+
+    try:
+        ada = parse_granularities(adamerging)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     if suite == "modality":
         from omnimerge.bench.modality_cli import bench_modality
 
@@ -75,7 +84,7 @@ def bench(
 
     console = _console()
     kw = dict(methods=_split(methods), families=_split(families) or ["full", "lora"], quick=quick,
-              rebuild=rebuild, strict=strict, threads=threads or None)
+              rebuild=rebuild, strict=strict, threads=threads or None, adamerging=ada)
     if len(seed_list) == 1:
         run_bench(out, console=console, seed=seed_list[0], **kw)  # type: ignore[arg-type]
     else:

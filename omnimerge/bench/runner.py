@@ -131,6 +131,7 @@ def run_bench(
     seed: int = 0,
     zoo_config: ZooConfig | None = None,
     threads: int | None = None,
+    adamerging: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the bench on the zoo of ``seed``; write results.json / results.csv / results.md / PNG plots into ``out``;
     return the results.
@@ -138,7 +139,8 @@ def run_bench(
     A zoo calibration shortfall or a failed discrimination check is recorded (``calibration_status``,
     ``checks``) and printed, and every method is still merged and scored; ``strict=True`` raises
     :class:`BenchCheckError` instead (after the results are written). A method that fails is recorded with its
-    error (``failed``), never silently skipped. ``zoo_config`` overrides the zoo recipe (tests)."""
+    error (``failed``), never silently skipped. ``zoo_config`` overrides the zoo recipe (tests). ``adamerging``:
+    granularities ('task', 'layer') of the opt-in AdaMerging rows (:mod:`omnimerge.bench.adamerging`)."""
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -185,7 +187,8 @@ def run_bench(
     test = build_suite("test", cfg.n_test, cfg.seed, enc)
     results: dict[str, Any] = {
         "config": {"zoo_key": cfg.key(), "seed": cfg.seed, "quick": cfg.quick, "lambda_grid": list(LAMBDA_GRID), "select": DEFAULT_SELECT,
-                   "n_val": cfg.n_val, "n_test": cfg.n_test, "tasks": list(TASKS), "zoo_root": str(zoo.root)},
+                   "n_val": cfg.n_val, "n_test": cfg.n_test, "tasks": list(TASKS), "zoo_root": str(zoo.root),
+                   "adamerging": list(adamerging)},
         "merge_engine": "omnimerge.merge" if has_core_merge() else "in-memory",
         "methods_not_run": left_out,
         "zoo_calibration": info["calibration"],
@@ -195,7 +198,7 @@ def run_bench(
         "families": {},
     }
     scratch = Path(tempfile.mkdtemp(prefix="omnimerge-bench-"))
-    n_units = sum(len(LAMBDA_GRID) + 1 if has_scaling(m) else 2 for m in meths) * len(families)
+    n_units = (sum(len(LAMBDA_GRID) + 1 if has_scaling(m) else 2 for m in meths) + 2 * len(adamerging)) * len(families)
     try:
         with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as prog:
@@ -267,6 +270,28 @@ def run_bench(
                     rows.append(_row(m.name, "method", res, experts_own, scaling=best_lam, val_curve=curve,
                                      merge_seconds=merge_s, seconds=time.perf_counter() - t1))
                     del merged, m1
+                for gran in adamerging:  # opt-in: test-time adaptation on the test inputs (no labels)
+                    from omnimerge.bench.adamerging import ROW_NAMES, adamerging_row
+
+                    prog.update(bar, description=f"{fam}: adamerging ({gran})")
+                    t1 = time.perf_counter()
+                    try:
+                        extra, merged = adamerging_row(gran, zoo.base_dir, list(inputs), base_model, cfg.seed,
+                                                       scratch, quick=cfg.quick)
+                    except Exception as exc:  # noqa: BLE001 - recorded like a failing method
+                        err = " ".join(f"{type(exc).__name__}: {exc}".split())
+                        console.print(f"[bold red]{fam}/adamerging ({gran}): FAILED[/bold red] ({markup_escape(err)})")
+                        rows.append({"name": ROW_NAMES[gran], "kind": "method", "failed": err})
+                        prog.advance(bar, 2)
+                        continue
+                    merge_s = time.perf_counter() - t1
+                    curve = {"-": _mean(evaluate(merged, val, enc))[0]}
+                    prog.advance(bar)
+                    res = evaluate(merged, test, enc)
+                    prog.advance(bar)
+                    rows.append(_row(ROW_NAMES[gran], "method", res, experts_own, scaling=None, val_curve=curve,
+                                     merge_seconds=merge_s, seconds=time.perf_counter() - t1, **extra))
+                    del merged
                 results["families"][fam] = {"rows": rows, "lora_input": lora_mode, "expert_matrix": expert_matrix}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
