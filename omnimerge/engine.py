@@ -162,6 +162,9 @@ class MergeRun:
         self.shard_bytes = parse_size(recipe.shard_size)
         if self.shard_bytes <= 0:
             raise RecipeError(f"shard_size: must be positive, got {recipe.shard_size!r}")
+        if recipe.tokenizer is not None and (recipe.output != "full" or recipe.mode != "capability"):
+            raise RecipeError("tokenizer: a new vocabulary is built for one full merged model only (output: full, "
+                              "mode: capability)")
         if recipe.output == "lora" and recipe.rank is None:
             raise RecipeError("rank: required with output: lora (the rank of the merged adapter)")
         #: with the recipe's task_models: the per-task masks being written (see omnimerge.task_models)

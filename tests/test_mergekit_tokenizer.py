@@ -268,3 +268,33 @@ def test_bad_token_sources_are_refused(cli: Any, family: Path, tokenizer: dict[s
     res = cli("merge", p, "-o", family / "out-bad", "-q")
     assert res.code == 2 and needle in res.err and _one_error(res.err), res.err
     assert not (family / "out-bad").exists()
+
+
+def test_tokenizer_with_lora_output_is_refused(cli: Any, family: Path) -> None:
+    """A new vocabulary is built for one full merged model: a LoRA output (or modality merging) is refused
+    before any work."""
+    p = family / "lora.yaml"
+    p.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base", "output": "lora",
+                                 "rank": 2, "tokenizer": {"source": "union"},
+                                 "models": [{"model": "b", "parameters": {"weight": 1.0}}]}))
+    res = cli("merge", p, "-o", family / "out-lora", "-q")
+    assert res.code == 2 and "tokenizer:" in res.err and _one_error(res.err), res.err
+    assert not (family / "out-lora").exists()
+
+
+def test_base_source_without_tokenizers_merges_as_before(cli: Any, tmp_path: Path) -> None:
+    """`tokenizer_source: base` (what `omnimerge convert --to mergekit` writes) over inputs without tokenizers and
+    with one vocabulary size re-indexes nothing: the merge is the plain one, and says so."""
+    from omnimerge.examples import build_family
+
+    base, (a,) = build_family(tmp_path / "fam", arch="qwen2", n_experts=1)
+    rec = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": "base",
+           "models": [{"model": str(a), "parameters": {"weight": 1.0}}]}
+    outs = []
+    for name, r in (("with", rec), ("without", {k: v for k, v in rec.items() if k != "tokenizer_source"})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        res = cli("merge", tmp_path / f"{name}.yaml", "-o", tmp_path / name, "--format", "mergekit")
+        assert res.code == 0, res.text
+        assert ("no input has a tokenizer" in res.text) == (name == "with")
+        outs.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

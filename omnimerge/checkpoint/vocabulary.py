@@ -339,6 +339,10 @@ def plan_vocabulary(settings: TokenizerSettings, base: Checkpoint, experts: list
         if tok is None:
             notes.append(f"tokenizer: {who[i]} has no tokenizer; taken to have the base's vocabulary")
             toks[i] = toks[0]
+    past = sum(1 for i in toks[0].get_vocab().values() if i >= sizes[0])
+    if past and settings.source in ("base", "union"):
+        notes.append(f"tokenizer: the base's tokenizer has {past} token(s) at or past its vocab_size {sizes[0]}; "
+                     f"mergekit drops them from a BPE tokenizer, omnimerge keeps them (rows of zeros)")
     src = settings.source
     if src == "base":
         out_tok = toks[0]
