@@ -298,22 +298,22 @@ def _union(base_tok: Any, inputs: list[tuple[Any, int]]) -> Any:
     out = copy.deepcopy(base_tok)
     have = set(out.get_vocab())
     added: dict[str, Any] = {}
-    plain: list[str] = []
+    plain: dict[str, None] = {}  # ordered
     for tok, size in inputs:
         decoder = {i: a for i, a in tok.added_tokens_decoder.items() if i < size}
         added_names = {a.content for a in decoder.values()}
         for t, _i in sorted(_vocab(tok, size).items(), key=lambda kv: kv[1]):
-            if t not in added_names and t not in have and t not in plain:
-                plain.append(t)
+            if t not in added_names and t not in have:
+                plain.setdefault(t)
         for _i, a in sorted(decoder.items()):
             added.setdefault(a.content, a)
-    plain_set = set(plain)
-    for t in plain:
-        if t not in added:
-            out.add_tokens(t)
-    for content, a in added.items():
-        if content not in have or content in plain_set:
-            out.add_tokens(a)
+    plain_set = plain.keys()
+    new_plain = [t for t in plain if t not in added]  # one call each: the library numbers them in order
+    if new_plain:
+        out.add_tokens(new_plain)
+    new_added = [a for content, a in added.items() if content not in have or content in plain_set]
+    if new_added:
+        out.add_tokens(new_added)
     return out
 
 
@@ -361,10 +361,9 @@ def plan_vocabulary(settings: TokenizerSettings, base: Checkpoint, experts: list
 
         out_tok = copy.deepcopy(out_tok) if out_tok is toks[0] else out_tok
         have = set(out_tok.get_vocab())
-        for t in settings.tokens:
-            if t not in have:
-                out_tok.add_tokens(t)
-                have.add(t)
+        new = [t for t in settings.tokens if t not in have]
+        if new:
+            out_tok.add_tokens(new)
     vocab = out_tok.get_vocab()
     n = len(vocab)
     if sorted(vocab.values()) != list(range(n)):
@@ -393,6 +392,7 @@ def plan_vocabulary(settings: TokenizerSettings, base: Checkpoint, experts: list
     default_sources: list[list[tuple[int, int]]] = []
     forced: list[int] = []
     rowl = [r.tolist() for r in rows]
+    nowhere: list[str] = []
     for t, tid in vocab.items():
         present = [k for k in range(len(ckpts)) if rowl[k][tid] >= 0]
         cfg = settings.tokens.get(t)
@@ -423,19 +423,23 @@ def plan_vocabulary(settings: TokenizerSettings, base: Checkpoint, experts: list
             srcs = [(present[0], rowl[present[0]][tid])]
         elif not present:
             srcs = []
-            notes.append(f"tokenizer: token {quoted(t, 40)} is in no input's vocabulary; its row is zeros")
+            nowhere.append(t)
         elif 0 in present:
             srcs = [(0, rowl[0][tid])]
         else:
             srcs = [(k, rowl[k][tid]) for k in present]
         default_ids.append(tid)
         default_sources.append(srcs)
+    if nowhere:
+        notes.append(f"tokenizer: {len(nowhere)} token(s) of the output vocabulary are in no input's, e.g. "
+                     f"{quoted(nowhere[0], 40)}; their rows are zeros")
     return VocabularyPlan(out_tok, src, size, n, rows, torch.tensor(default_ids, dtype=torch.long),
                           default_sources, torch.tensor(forced, dtype=torch.long), notes)
 
 
 def plan_and_install(settings: TokenizerSettings, base: Checkpoint, experts: list[Checkpoint | None],
-                     base_dir: Path | None, names: tuple[str, list[str]], dtype: torch.dtype = torch.float32) -> tuple[VocabularyPlan | None, list[str]]:
+                     base_dir: Path | None, names: tuple[str, list[str]],
+                     dtype: torch.dtype = torch.float32) -> tuple[VocabularyPlan | None, list[str]]:
     """:func:`plan_vocabulary` then :func:`install`, for experts that are full checkpoints (None: an adapter); the
     plan and its notes. ``source: base`` (alone) over inputs that have no tokenizer and one vocabulary size
     re-indexes nothing: no plan."""
