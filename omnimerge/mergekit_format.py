@@ -28,6 +28,13 @@ from omnimerge.checkpoint.vocabulary import CHAT_TEMPLATES
 from omnimerge.errors import RecipeError
 
 CHAT_TEMPLATE_NAMES = frozenset(CHAT_TEMPLATES)
+#: named formats whose mergekit 0.1.5 file renders differently from omnimerge's text (chatml and mistral render
+#: the same), and how
+TEMPLATES_RENDERED_OTHERWISE = {
+    "llama3": "a newline after every turn's <|eot_id|>",
+    "alpaca": "a leading blank line without a system message, no blank line before the generation prompt",
+    "exaone": "indentation and blank lines from its template's layout",
+}
 
 #: keys only a mergekit recipe has
 _MERGEKIT_ONLY = {"tokenizer_source", "slices", "modules", "base_model_name"}
@@ -202,9 +209,9 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
             raise RecipeError(f"{source}: chat_template: expected auto, a template name or a Jinja template, got "
                               f"{template!r}")
         recipe["chat_template"] = template
-        if template in CHAT_TEMPLATE_NAMES:
-            diffs.append(f"chat_template: {template}: omnimerge's own text of the {template} format (mergekit's "
-                         f"file renders some conversations with other whitespace)")
+        if template in TEMPLATES_RENDERED_OTHERWISE:
+            diffs.append(f"chat_template: {template}: omnimerge's own text of the {template} format; mergekit's "
+                         f"file renders other whitespace ({TEMPLATES_RENDERED_OTHERWISE[template]})")
     unknown = set(data) - {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                            "tokenizer_source", "tokenizer", "chat_template"}
     if unknown:

@@ -3,7 +3,8 @@
 Builds the tiny family of ``tests/vocab_family.py`` (experts with vocabularies of their own), runs
 ``mergekit-yaml`` from its own environment on each recipe of ``CASES``, and stores, per case, mergekit's output
 weights (``model.safetensors``), its tokenizer's ``token -> id`` map and ``config.json``'s ``vocab_size``, and
-the chat template it wrote. ``tests/test_mergekit_tokenizer.py`` merges the same recipes with omnimerge and
+the chat template it wrote; and mergekit's named chat templates rendered on a few conversations
+(``tests/fixtures/mergekit_chat_templates.json``). ``tests/test_mergekit_tokenizer.py`` merges the same recipes with omnimerge and
 compares, token by token (mergekit numbers a union's new tokens in an order that can change between runs).
 CI never runs this (it needs mergekit); rerun it after changing the family or the cases:
 
@@ -53,6 +54,27 @@ CASES: dict[str, dict] = {
 }
 
 
+#: conversations mergekit's named chat templates are rendered on (``tests/fixtures/mergekit_chat_templates.json``)
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": " hi "}],
+]
+
+
+def render_named_templates(mergekit_yaml: str, tokenizer: object) -> dict[str, list[str]]:
+    """mergekit's own named chat templates (its package's ``_data/chat_templates/*.jinja``), rendered by
+    transformers on :data:`CONVERSATIONS`, without and with the generation prompt."""
+    lib = Path(mergekit_yaml).resolve().parents[1] / "lib"
+    folder = next(lib.glob("python3*/site-packages/mergekit/_data/chat_templates"))
+    out = {}
+    for f in sorted(folder.glob("*.jinja")):
+        out[f.stem] = [tokenizer.apply_chat_template(c, chat_template=f.read_text(), tokenize=False,  # type: ignore[attr-defined]
+                                                      add_generation_prompt=g)
+                       for g in (False, True) for c in CONVERSATIONS]
+    return out
+
+
 def with_paths(node: object, fam: Path) -> object:
     """A recipe with the family's model names (base, a, b) as absolute paths (mergekit takes a bare name for a
     hub id)."""
@@ -92,6 +114,9 @@ def main() -> int:
                 {"recipe": recipe, "vocab": vocab, "vocab_size": cfg["vocab_size"], "chat_template": template},
                 indent=1, sort_keys=True) + "\n")
             print(f"{case}: {len(vocab)} tokens, vocab_size {cfg['vocab_size']} -> {dst}")
+    renders = render_named_templates(args.mergekit, vocab_family.tokenizers()["base"])
+    (FIXTURE.parent / "mergekit_chat_templates.json").write_text(json.dumps(
+        {"conversations": CONVERSATIONS, "renders": renders}, indent=1) + "\n")
     return 0
 
 
