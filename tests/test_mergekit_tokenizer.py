@@ -344,3 +344,21 @@ def test_named_templates_render_as_mergekits_up_to_stated_whitespace() -> None:
             assert mine != theirs and ["".join(x.split()) for x in mine] == ["".join(x.split()) for x in theirs]
         else:
             assert mine == theirs, name
+
+
+def test_an_embedding_smaller_than_its_vocabulary_is_refused(cli: Any, family: Path, tmp_path: Path) -> None:
+    """An expert whose config declares more tokens than its embedding has rows is refused before any work (its
+    rows could not be indexed), in one line naming the tensor."""
+    import shutil
+
+    shutil.copytree(family / "b", tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 40}))
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(family / "base"),
+                                 "tokenizer": {"source": "union"}, "select": {"include": [".*"]},
+                                 "models": [{"model": str(tmp_path / "b"), "parameters": {"weight": 1.0}}]}))
+    res = cli("merge", p, "-o", tmp_path / "out", "-q")
+    assert res.code == 2 and "has 34 rows, fewer than the 40 tokens" in res.err, res.err
+    assert "lm_head.weight" in res.err or "embed_tokens.weight" in res.err
+    assert _one_error(res.err) and not (tmp_path / "out").exists()

@@ -229,6 +229,8 @@ class VocabularyPlan:
     notes: list[str] = field(default_factory=list)
     #: the merge's compute dtype: re-indexed tensors are made in it where it is wider than the stored one
     dtype: torch.dtype = torch.float32
+    #: per input, its vocabulary size (config.json's; token ids at or past it are not its rows)
+    input_sizes: list[int] = field(default_factory=list)
     #: per input, the names of the tensors replaced
     replaced: list[list[str]] = field(default_factory=list)
 
@@ -434,7 +436,7 @@ def plan_vocabulary(settings: TokenizerSettings, base: Checkpoint, experts: list
         notes.append(f"tokenizer: {len(nowhere)} token(s) of the output vocabulary are in no input's, e.g. "
                      f"{quoted(nowhere[0], 40)}; their rows are zeros")
     return VocabularyPlan(out_tok, src, size, n, rows, torch.tensor(default_ids, dtype=torch.long),
-                          default_sources, torch.tensor(forced, dtype=torch.long), notes)
+                          default_sources, torch.tensor(forced, dtype=torch.long), notes, input_sizes=sizes)
 
 
 def plan_and_install(settings: TokenizerSettings, base: Checkpoint, experts: list[Checkpoint | None],
@@ -493,9 +495,12 @@ def install(plan: VocabularyPlan, base: Checkpoint, experts: list[Checkpoint]) -
     """Replace every input's vocabulary tensors by their re-indexed form (see :meth:`VocabularyPlan.reindex`);
     the base's on-disk names of the replaced tensors."""
     ckpts = [base, *experts]
-    size0 = config_vocab_size(base.config)
+    size0 = plan.input_sizes[0]
     canon = [base.canonical_of(n) for n, m in base.tensors.items()
              if _VOCAB_TENSOR.search(base.canonical_of(n)) and m.shape and m.shape[0] == size0]
+    if not canon:
+        raise CheckpointError(f"{base.path}: no token embedding or LM head with {size0} rows (the vocabulary size) "
+                              f"to re-index into the output vocabulary")
     plan.replaced = [[] for _ in ckpts]
     done = []
     for c in canon:
@@ -503,10 +508,13 @@ def install(plan: VocabularyPlan, base: Checkpoint, experts: list[Checkpoint]) -
         shapes = [tuple(ck.read_stored(n).shape) if n is not None else None
                   for ck, n in zip(ckpts, on_disk, strict=True)]
         tail = shapes[0][1:]  # type: ignore[index]
-        for ck, s in zip(ckpts, shapes, strict=True):
+        for ck, s, want in zip(ckpts, shapes, plan.input_sizes, strict=True):
             if s is not None and s[1:] != tail:
                 raise CheckpointError(f"{ck.path}: tensor '{c}' has shape {list(s)}; the base's has {list(shapes[0])}"
                                       f" (only the vocabulary axis may differ)")
+            if s is not None and s[0] < want:
+                raise CheckpointError(f"{ck.path}: tensor '{c}' has {s[0]} rows, fewer than the {want} tokens of "
+                                      f"its vocabulary")
 
         def produce(i: int, c: str = c, on_disk: list[str | None] = on_disk) -> torch.Tensor:
             stored = [ck.read_stored(n) if n is not None else None for ck, n in zip(ckpts, on_disk, strict=True)]
