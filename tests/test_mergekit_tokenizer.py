@@ -362,3 +362,36 @@ def test_an_embedding_smaller_than_its_vocabulary_is_refused(cli: Any, family: P
     assert res.code == 2 and "has 34 rows, fewer than the 40 tokens" in res.err, res.err
     assert "lm_head.weight" in res.err or "embed_tokens.weight" in res.err
     assert _one_error(res.err) and not (tmp_path / "out").exists()
+
+
+def test_union_on_a_multimodal_model(cli: Any, tmp_path: Path) -> None:
+    """LLaVA: the language model's embedding and head (under ``model.language_model`` / ``lm_head``) are
+    re-indexed, ``text_config.vocab_size`` follows, and the output loads with its class."""
+    import transformers
+
+    from omnimerge.examples import VOCAB, build_base
+
+    words = [f"w{i}" for i in range(VOCAB - 4)]
+    for name, extra in (("base", []), ("x", ["<|box|>", "<|ocr|>"])):
+        model = build_base("llava")
+        tok = vocab_family._tokenizer(words, vocab_family.BASE_TEMPLATE)
+        if extra:
+            tok.add_tokens(extra)
+            model.resize_token_embeddings(len(tok))
+            with torch.no_grad():
+                model.get_input_embeddings().weight[-2:] = torch.randn(2, model.config.text_config.hidden_size)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = _merge(cli, tmp_path, {
+        "merge_method": "task_arithmetic", "base_model": "base", "tokenizer_source": "union",
+        "models": [{"model": "x", "parameters": {"weight": 1.0}}]}, "llava")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] == VOCAB + 2
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(str(out))
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) == VOCAB + 2 and model.lm_head.weight.shape[0] == VOCAB + 2
+    x = load_file(str(tmp_path / "x" / "model.safetensors"))
+    key = next(k for k in x if k.endswith("embed_tokens.weight"))
+    for t in ("<|box|>", "<|ocr|>"):  # only x has them: its rows
+        assert torch.equal(emb[tok.convert_tokens_to_ids(t)].detach(), x[key][_vocab(tmp_path / "x")[t]])
