@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from omnimerge.checkpoint import vocabulary
 from omnimerge.checkpoint.files import FileHasher, copy_auxiliary, hash_algorithm, write_model_card
 from omnimerge.checkpoint.names import canonical_name
 from omnimerge.checkpoint.reader import (
@@ -161,6 +162,9 @@ class MergeRun:
         self.shard_bytes = parse_size(recipe.shard_size)
         if self.shard_bytes <= 0:
             raise RecipeError(f"shard_size: must be positive, got {recipe.shard_size!r}")
+        if recipe.tokenizer is not None and (recipe.output != "full" or recipe.mode != "capability"):
+            raise RecipeError("tokenizer: a new vocabulary is built for one full merged model only (output: full, "
+                              "mode: capability)")
         if recipe.output == "lora" and recipe.rank is None:
             raise RecipeError("rank: required with output: lora (the rank of the merged adapter)")
         #: with the recipe's task_models: the per-task masks being written (see omnimerge.task_models)
@@ -194,6 +198,8 @@ class MergeRun:
         #: with options.keep_inputs: per merged tensor, its inputs kept in memory (see _merge_job_kept); None
         #: until decided, False when they do not fit
         self._kept: dict[str, tuple[torch.Tensor | None, list[torch.Tensor], list[Any] | None]] | None | bool = None
+        #: with the recipe's tokenizer: the output vocabulary (see omnimerge.checkpoint.vocabulary)
+        self.vocab: vocabulary.VocabularyPlan | None = None
 
     def _input_folders(self) -> list[tuple[str, Path]]:
         """The recipe's input folders (base, experts and adapters, copy_files_from), for the output guard; a
@@ -202,6 +208,8 @@ class MergeRun:
         refs = [("base model", r.base_model)] + [(f"model '{m.model}'", m.model) for m in r.models]
         if r.copy_files_from:
             refs.append(("copy_files_from model", r.copy_files_from))
+        if r.tokenizer is not None and r.tokenizer.source not in ("base", "union"):
+            refs.append(("tokenizer source", r.tokenizer.source))
         out: list[tuple[str, Path]] = []
         for what, ref in refs:
             try:
@@ -245,6 +253,12 @@ class MergeRun:
             labels.append(label)
             self.experts.append(open_expert(m.model, self.base, r.base_path, label))
         self.files_src = resolve_model_path(r.copy_files_from, r.base_path) if r.copy_files_from else self.base.path
+        if r.tokenizer is not None:  # every input's vocabulary tensors re-indexed into the output vocabulary
+            self.vocab, notes = vocabulary.plan_and_install(
+                r.tokenizer, self.base, [s.ckpt if isinstance(s, FullSource) else None for s in self.experts],
+                r.base_path, (r.base_model, [m.model for m in r.models]), DTYPES[r.dtype])
+            for note in notes:
+                self.notes(note)
 
     def plan(self) -> list[Job]:
         """One job per base tensor, in the base's file order: merged (selected) or copied."""
@@ -858,6 +872,8 @@ class MergeRun:
         self.open()
         assert self.base is not None
         jobs = self.plan()
+        if self.vocab is not None:
+            self.vocab.account(jobs, len(self.experts) + 1)
         self._preload_kernels(jobs)
         selected = [j.name for j in jobs if j.merged]
         for src in self.experts:
@@ -978,6 +994,10 @@ class MergeRun:
                 copy_auxiliary(self.base.path, tmp, out_dtype_name)
                 if self.files_src != self.base.path:  # e.g. a chat template from an instruct expert
                     copy_auxiliary(self.files_src, tmp, out_dtype_name)
+                carries = vocabulary.write_output_files(
+                    tmp, self.vocab, self.recipe.chat_template,
+                    [(f"base '{self.recipe.base_model}'", self.base.path)]
+                    + [(f"model '{s.ref}'", s.path) for s in self.experts], self.notes)
                 if self.recipe.output == "lora":  # a config.json would make transformers take the adapter for a model
                     (tmp / "config.json").unlink(missing_ok=True)
                 report = self._report(jobs, time.perf_counter() - t0, shard_files)
@@ -998,7 +1018,7 @@ class MergeRun:
                 ]
                 write_model_card(tmp, self.recipe.to_yaml(), self.method, card_inputs, report.__dict__,
                                  library="peft" if self.recipe.output == "lora" else "transformers",
-                                 differences=self.recipe.differences)
+                                 differences=self.recipe.differences, carries=carries)
                 output.commit()
                 report.seconds = time.perf_counter() - t0
                 return report

@@ -14,18 +14,33 @@ What maps:
 * ``lambda`` is omnimerge's ``scaling`` (mergekit's default 1.0 is written out: omnimerge's defaults differ).
 * ``dare_*``: mergekit's ``density`` (keep fraction) is omnimerge's ``drop_rate = 1 - density``.
 * mergekit merges every tensor: the translated recipe selects ``.*``.
-* ``tokenizer_source``/``tokenizer.source``: ``base`` is omnimerge's default; a model's path becomes
-  ``copy_files_from``; ``union`` is rejected.
+* ``tokenizer_source`` / ``tokenizer:`` (``source: base | union | MODEL``, ``tokens:``, ``pad_to_multiple_of``)
+  is the recipe's ``tokenizer:`` with mergekit's meaning: the output vocabulary is built and every input's
+  embedding and LM-head rows are re-indexed into it (:mod:`omnimerge.checkpoint.vocabulary`).
+* ``chat_template`` (``auto``, a format name, a Jinja template) is the recipe's ``chat_template``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from omnimerge.checkpoint.vocabulary import CHAT_TEMPLATES
 from omnimerge.errors import RecipeError
 
+CHAT_TEMPLATE_NAMES = frozenset(CHAT_TEMPLATES)
+#: named formats whose mergekit 0.1.5 file renders differently from omnimerge's text (chatml and mistral render
+#: the same), and how
+TEMPLATES_RENDERED_OTHERWISE = {
+    "llama3": "a newline after every turn's <|eot_id|>",
+    "alpaca": "a leading blank line without a system message, no blank line before the generation prompt",
+    "exaone": "indentation and blank lines from its template's layout",
+}
+
 #: keys only a mergekit recipe has
-_MERGEKIT_ONLY = {"tokenizer_source", "tokenizer", "chat_template", "slices", "modules", "base_model_name"}
+_MERGEKIT_ONLY = {"tokenizer_source", "slices", "modules", "base_model_name"}
+#: keys both formats have that mark a mergekit recipe unless an omnimerge-only key is there too
+_SHARED_MARKS = {"tokenizer", "chat_template"}
+_OMNIMERGE_ONLY = {"select", "modifiers", "mode", "output", "copy_files_from", "shard_size", "rank", "task_models"}
 
 #: mergekit method -> omnimerge method
 METHODS: dict[str, str] = {
@@ -50,6 +65,8 @@ def is_mergekit_recipe(data: Any) -> bool:
     if not isinstance(data, dict):
         return False
     if _MERGEKIT_ONLY & set(data):
+        return True
+    if _SHARED_MARKS & set(data) and not _OMNIMERGE_ONLY & set(data):
         return True
     params = data.get("parameters") or {}
     if isinstance(params, dict) and ({"lambda", "int8_mask"} & set(params)):
@@ -182,22 +199,49 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     for key in ("dtype", "out_dtype"):
         if key in data:
             recipe[key] = data[key]
-    tok = data.get("tokenizer_source")
-    if isinstance(data.get("tokenizer"), dict):
-        tok = data["tokenizer"].get("source", tok)
-    if tok not in (None, "base"):
-        if tok == "union":
-            raise RecipeError(f"{source}: tokenizer_source: 'union' (a merged vocabulary) is not supported")
-        recipe["copy_files_from"] = str(tok)
-        diffs.append(f"tokenizer_source: {tok}: its tokenizer/config files are copied; embeddings are not "
-                     f"re-mapped as mergekit does for a different vocabulary")
-    if "chat_template" in data:
-        diffs.append("chat_template: not applied (omnimerge keeps the base's, or copy_files_from's)")
+    tokenizer = _tokenizer(data, source, [str(m["model"]) if isinstance(m, dict) else str(m) for m in models],
+                           str(base), diffs)
+    if tokenizer is not None:
+        recipe["tokenizer"] = tokenizer
+    template = data.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str) or not template:
+            raise RecipeError(f"{source}: chat_template: expected auto, a template name or a Jinja template, got "
+                              f"{template!r}")
+        recipe["chat_template"] = template
+        if template in TEMPLATES_RENDERED_OTHERWISE:
+            diffs.append(f"chat_template: {template}: omnimerge's own text of the {template} format; mergekit's "
+                         f"file renders other whitespace ({TEMPLATES_RENDERED_OTHERWISE[template]})")
     unknown = set(data) - {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                            "tokenizer_source", "tokenizer", "chat_template"}
     if unknown:
         raise RecipeError(f"{source}: {sorted(unknown)[0]}: unknown mergekit key")
     return recipe, diffs
+
+
+def _tokenizer(data: dict[str, Any], source: str, models: list[str], base: str,
+               diffs: list[str]) -> dict[str, Any] | None:
+    """mergekit's ``tokenizer_source`` / ``tokenizer:`` as the omnimerge recipe's ``tokenizer:`` (None: unset)."""
+    legacy, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if legacy is not None and block is not None:
+        raise RecipeError(f"{source}: tokenizer_source: give tokenizer_source or tokenizer, not both (mergekit "
+                          f"refuses both)")
+    if block is not None and not isinstance(block, dict):
+        raise RecipeError(f"{source}: tokenizer: expected a mapping (source, tokens, pad_to_multiple_of), got "
+                          f"{block!r}")
+    if legacy is None and block is None:
+        return None
+    out = {"source": legacy} if legacy is not None else {"source": "union", **block}
+    src = out["source"]
+    key = "tokenizer_source" if legacy is not None else "tokenizer.source"
+    if not isinstance(src, str) or not src:
+        raise RecipeError(f"{source}: {key}: expected base, union or a model, got {src!r}")
+    others = {m for m in models if m != base}
+    if src == "union" and others:
+        diffs.append("tokenizer: union: tokens new to the base are numbered in the recipe's order of models, "
+                     "each model's by id (mergekit's order follows a set of the models and the tokenizer's "
+                     "unordered vocabulary map; each token keeps the same rows)")
+    return out
 
 
 # --- omnimerge -> mergekit -------------------------------------------------------------------------------------
@@ -275,12 +319,21 @@ def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
     out["dtype"] = recipe.dtype
     if recipe.out_dtype:
         out["out_dtype"] = recipe.out_dtype
-    # always written: mergekit's default, and a key only mergekit recipes have, so the file reads as mergekit's
-    out["tokenizer_source"] = "base"
+    tok = recipe.tokenizer
+    if tok is not None and (tok.tokens or tok.pad_to_multiple_of):
+        block = tok.model_dump(exclude_none=True, exclude_defaults=True)
+        block["source"] = tok.source
+        out["tokenizer"] = block
+    else:
+        # without one, mergekit's base: written, a key only mergekit recipes have, so the file reads as mergekit's
+        out["tokenizer_source"] = tok.source if tok is not None else "base"
     if recipe.copy_files_from:
-        out["tokenizer_source"] = recipe.copy_files_from
+        if tok is None:
+            out["tokenizer_source"] = recipe.copy_files_from
         diffs.append(f"copy_files_from: {recipe.copy_files_from}: mergekit's tokenizer_source takes its "
                      f"tokenizer and re-maps embeddings when the vocabularies differ; omnimerge copied files")
+    if recipe.chat_template is not None:
+        out["chat_template"] = recipe.chat_template
     sel = recipe.select
     if not (set(sel.include) & _EVERYTHING) or sel.exclude:
         diffs.append(f"select: {{include: {sel.include}, exclude: {sel.exclude}}}: mergekit merges every tensor; "

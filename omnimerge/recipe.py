@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omnimerge import mergekit_format
+from omnimerge.checkpoint.vocabulary import ChatTemplate, TokenizerSettings
 from omnimerge.errors import RecipeError, quoted
 
 MAX_RECIPE_BYTES = 10_000_000
@@ -82,6 +83,13 @@ class Recipe(BaseModel):
     #: a model whose config/tokenizer/processor/chat-template files are copied over the base's (e.g. an
     #: instruct expert's chat template: the Qwen2-VL base has none)
     copy_files_from: str | None = None
+    #: the output vocabulary, as mergekit's ``tokenizer:`` (source base, union or a model; per-token sources;
+    #: pad_to_multiple_of): every input's embedding and LM-head rows are re-indexed into it before the merge
+    #: (see omnimerge.checkpoint.vocabulary)
+    tokenizer: TokenizerSettings | None = None
+    #: the output's chat template: auto (the inputs' most common), a format name (chatml, llama3, alpaca,
+    #: mistral, exaone) or a Jinja template
+    chat_template: ChatTemplate | None = None
     shard_size: int | str = "5GB"
     output: Literal["full", "lora"] = "full"
     #: "capability": experts share the base's architecture (one merged model). "modality": experts of different

@@ -155,6 +155,32 @@ def test_symlinked_chat_template_outside_refused(tmp_path: Path, cli) -> None:  
     no_leftovers(out)
 
 
+@pytest.mark.parametrize(("name", "chat_template"), [("tokenizer.json", None), ("tokenizer_config.json", None),
+                                                     ("chat_template.jinja", "auto")])
+def test_symlinked_tokenizer_file_of_an_expert_refused(tmp_path: Path, cli, name: str,  # type: ignore[no-untyped-def]
+                                                       chat_template: str | None) -> None:
+    """An expert's tokenizer file (read to build a union vocabulary, or to choose a chat template) that links to a
+    file outside its checkpoint is refused before transformers opens it; nothing is written."""
+    import yaml
+
+    from tests import vocab_family
+
+    fam = tmp_path / "models"
+    vocab_family.build(fam)
+    secret = tmp_path / "secret.json"
+    secret.write_bytes((fam / "b" / name).read_bytes())
+    (fam / "b" / name).unlink()
+    os.symlink(secret, fam / "b" / name)
+    recipe = {"merge_method": "task_arithmetic", "base_model": "models/base", "tokenizer": {"source": "union"},
+              "select": {"include": [".*"]}, "models": [{"model": "models/b", "parameters": {"weight": 1.0}}]}
+    if chat_template:
+        recipe["chat_template"] = chat_template
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    one_line_error(cli("merge", tmp_path / "r.yaml", "-o", out, "-q"), name, "outside")
+    no_leftovers(out)
+
+
 def test_hf_cache_layout_symlinks_accepted(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     fam = toy_family(tmp_path / "models")
     repo = tmp_path / "hub" / "models--x--base"

@@ -31,6 +31,9 @@ def test_detection() -> None:
     assert is_mergekit_recipe({"slices": [], "merge_method": "passthrough"})
     omni = {"base_model": "b", "models": [{"model": "a"}], "merge_method": "ties", "parameters": {"scaling": 1}}
     assert not is_mergekit_recipe(omni)
+    # tokenizer: and chat_template are keys of both formats: mergekit's unless an omnimerge-only key is there
+    assert is_mergekit_recipe({**omni, "tokenizer": {"source": "union"}})
+    assert not is_mergekit_recipe({**omni, "chat_template": "chatml", "select": {"include": [".*"]}})
 
 
 def test_ties_translation_keeps_mergekit_meaning() -> None:
@@ -40,11 +43,10 @@ def test_ties_translation_keeps_mergekit_meaning() -> None:
     assert r["models"][1]["parameters"] == {"weight": [0.2, 0.8]}  # a gradient stays a schedule
     assert r["parameters"] == {"density": 0.5, "scaling": 0.7}
     assert r["select"] == {"include": [".*"]}  # mergekit merges every tensor
-    assert r["copy_files_from"] == "a" and r["dtype"] == "float16"
+    assert r["tokenizer"] == {"source": "a"} and r["dtype"] == "float16"  # a's vocabulary, embeddings re-indexed
     assert any("elected sign" in d for d in diffs) and any("int8_mask" in d for d in diffs)
     _, diffs = translate({**TIES, "parameters": {"normalize": False}})
     assert any("normalize: false" in d for d in diffs)
-    assert any("tokenizer_source" in d for d in diffs)
 
 
 def test_dare_density_is_keep_fraction_and_lambda_defaults_to_one() -> None:
@@ -76,7 +78,7 @@ def test_top_level_parameters_are_per_model_defaults_and_catch_all_filters() -> 
 @pytest.mark.parametrize(("change", "key"), [
     ({"merge_method": "frobnicate"}, "merge_method"),
     ({"slices": [{"sources": []}]}, "slices"),
-    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "tokenizer_source"),
     ({"models": [{"model": "x", "parameters": {"density": 0.3}}, {"model": "y", "parameters": {"density": 0.5}}]},
      "density"),
     ({"models": [{"model": "x", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 1}]}}]},

@@ -224,11 +224,13 @@ def write_model_card(
     report: dict[str, Any],
     library: str = "transformers",
     differences: list[str] | None = None,
+    carries: list[str] | None = None,
 ) -> None:
     """README.md with YAML front matter, the method and its paper, every input file's digest, the recipe.
 
     ``differences``: where the recipe was translated from another format (mergekit), how this merge computes
-    differently from that tool (one line each)."""
+    differently from that tool (one line each). ``carries``: which tokenizer and chat template the output carries
+    (where the recipe chose them)."""
     base_refs = [ref for role, ref, _ in inputs if role == "base"]
     lines = ["---", f"library_name: {library}", "tags:", "- omnimerge", "- merge"]
     if base_refs and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base_refs[0]):
@@ -252,6 +254,8 @@ def write_model_card(
     for role, ref, files in inputs:
         for fname, digest in files:
             lines.append(f"| {role} | `{ref}` | `{fname}` | `{digest}` |")
+    if carries:
+        lines += ["", "## Tokenizer and chat template", ""] + [f"- {c}" for c in carries]
     if differences:
         lines += ["", "## Differences from the recipe's own tool", ""] + [f"- {d}" for d in differences]
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]

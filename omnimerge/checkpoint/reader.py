@@ -19,6 +19,7 @@ import re
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,8 @@ class Checkpoint:
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
         self._maps: dict[Path, _MappedFile] = {}
         self._lock = threading.Lock()
+        #: on-disk name -> a function computing the tensor (see :meth:`replace`); read instead of the file
+        self._replaced: dict[str, tuple[Callable[[], torch.Tensor], TensorMeta]] = {}
         self.files = self._find_files()
         for f in self.files:
             if f.suffix == ".safetensors":
@@ -422,9 +425,25 @@ class Checkpoint:
                     self._maps[f] = m
         return m
 
+    def replace(self, name: str, shape: tuple[int, ...], produce: Callable[[], torch.Tensor]) -> None:
+        """From now on, tensor ``name`` (of this checkpoint) has shape ``shape`` and is computed by ``produce()``
+        (a fresh tensor of the stored dtype, or a wider one) when read: a per-input transform planned before the merge (e.g. an
+        embedding re-indexed into the output vocabulary). :meth:`read_stored` still reads the file."""
+        old = self._replaced[name][1] if name in self._replaced else self.tensors[name]
+        self._replaced[name] = (produce, old)
+        self.tensors[name] = TensorMeta(name, old.dtype, tuple(shape), old.file)
+
     def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as stored (a view of the mapped file for safetensors: do not modify it)."""
-        m = self.tensors.get(name)
+        """The tensor ``name`` as stored (a view of the mapped file for safetensors: do not modify it), or as
+        computed for a replaced tensor (:meth:`replace`)."""
+        replaced = self._replaced.get(name)
+        if replaced is not None:
+            return replaced[0]()
+        return self.read_stored(name)
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored in the file (ignores :meth:`replace`)."""
+        m = self._replaced[name][1] if name in self._replaced else self.tensors.get(name)
         if m is None:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
         if m.file.suffix != ".safetensors":
@@ -442,13 +461,13 @@ class Checkpoint:
     def raw_source(self, name: str) -> tuple[int, int, int] | None:
         """(fd, offset, nbytes) of a tensor's bytes in a safetensors file, for byte-exact copies; else None."""
         m = self.tensors[name]
-        if m.file.suffix != ".safetensors":
+        if m.file.suffix != ".safetensors" or name in self._replaced:
             return None
         return self._mapped(m.file).fd, m.begin, m.end - m.begin
 
     def _advise(self, name: str, advice: int, inner: bool, first: int = 0, stop: int | None = None) -> None:
         m = self.tensors.get(name)
-        if m is None or m.file.suffix != ".safetensors" or m.numel == 0:
+        if m is None or m.file.suffix != ".safetensors" or m.numel == 0 or name in self._replaced:
             return
         mf = self._maps.get(m.file) if inner else self._mapped(m.file)
         if mf is None or mf.mm is None:
