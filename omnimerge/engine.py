@@ -65,7 +65,7 @@ from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method, registry
-from omnimerge.methods.base import at_depth, has_schedule, plain
+from omnimerge.methods.base import Filters, at_depth, has_schedule, plain
 from omnimerge.methods.modifiers import compose
 from omnimerge.options import MergeOptions
 from omnimerge.plan import DTYPES, Job, layer_of
@@ -288,7 +288,8 @@ class MergeRun:
             elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
                 t = job.layer / (job.num_layers - 1) if job.layer is not None and job.num_layers > 1 else 0.0
                 job.kwargs = at_depth(self.kwargs, t, job.layer, job.num_layers,
-                                      where is not None and where[0] in decoder)
+                                      where is not None and where[0] in decoder, name=job.name)
+                self._check_filtered(job)
                 if self.method.check is not None:
                     self.method.check(job.kwargs)
         if not any(j.merged for j in jobs):
@@ -298,6 +299,17 @@ class MergeRun:
                 f"(run `omnimerge inspect {self.recipe.base_model}` to see its components)"
             )
         return jobs
+
+    def _check_filtered(self, job: Job) -> None:
+        """A required parameter given as filters that none matches for this tensor is refused, naming both."""
+        for k, v in self.kwargs.items():
+            p = self.method.param(k)
+            given = v if isinstance(v, tuple) else (v,)
+            got = job.kwargs[k] if isinstance(job.kwargs[k], tuple) else (job.kwargs[k],)
+            if p is not None and not p.nullable and any(
+                    isinstance(a, Filters) and b is None for a, b in zip(given, got, strict=True)):
+                raise RecipeError(f"parameters.{k}: no filter matches tensor '{job.name}' and '{self.method.name}' "
+                                  f"has no default for it (add other: VALUE or a filter that matches)")
 
     # -- per-tensor work ----------------------------------------------------------------------------------------
     def _inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[Any] | None]:

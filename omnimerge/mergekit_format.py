@@ -10,7 +10,10 @@ What maps:
   (the top-level value is the default for every model). omnimerge's per-model parameter is ``weight``; every
   other parameter must be the same for all models and becomes a top-level one.
 * gradients (a list of numbers) are omnimerge schedules (same interpolation: t = layer / (num_layers - 1)).
-* filtered lists ``[{filter: ..., value: ...}, ...]``: only a catch-all (no filter or ``*``) is reproduced.
+* filtered lists ``[{filter: ..., value: ...}, ...]`` are omnimerge's ``{filters: [...], other: v}`` (first
+  substring match on the tensor's name wins; the scopes a mergekit recipe sets a parameter in -- the model's,
+  then the top level -- are concatenated, since mergekit falls through to the next scope when no filter
+  matches, and the first catch-all ends the list as ``other``).
 * ``lambda`` is omnimerge's ``scaling`` (mergekit's default 1.0 is written out: omnimerge's defaults differ).
 * ``dare_*``: mergekit's ``density`` (keep fraction) is omnimerge's ``drop_rate = 1 - density``.
 * mergekit merges every tensor: the translated recipe selects ``.*``.
@@ -70,22 +73,84 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _resolve(key: str, where: str, value: Any) -> Any:
-    """A mergekit parameter setting as an omnimerge value: scalar, list (schedule) or catch-all filter."""
+def _entries(key: str, where: str, value: Any) -> list[tuple[str | None, Any]]:
+    """One scope's setting of a parameter as mergekit reads it: an ordered list of (filter, value), a scalar or
+    gradient being one catch-all entry (filter None); an empty list is no entry (mergekit falls through)."""
+    if value is None:
+        return []
     if isinstance(value, dict):
         value = [value]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+    if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
+        out: list[tuple[str | None, Any]] = []
         for cond in value:
-            if set(cond) - {"filter", "value"} or "value" not in cond:
-                raise RecipeError(f"{where}.{key}: a filtered entry has keys filter and value, "
-                                  f"got {sorted(map(str, cond))}")
-            if cond.get("filter") in (None, "*"):
-                if cond is value[0]:
-                    return _resolve(key, where, cond["value"])
-                break
-        filters = [c.get("filter") for c in value]
-        raise RecipeError(f"{where}.{key}: per-tensor filters {filters} have no omnimerge equivalent yet "
-                          f"(only a catch-all value is translated)")
+            if not isinstance(cond, dict) or set(cond) - {"filter", "value"} or "value" not in cond:
+                got = sorted(map(str, cond)) if isinstance(cond, dict) else cond
+                raise RecipeError(f"{where}.{key}: a filtered entry has keys filter and value, got {got!r}")
+            flt = cond.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise RecipeError(f"{where}.{key}: a filter is a part of a tensor name, got {flt!r}")
+            if isinstance(cond["value"], dict) or (isinstance(cond["value"], list)
+                                                   and any(isinstance(x, dict) for x in cond["value"])):
+                raise RecipeError(f"{where}.{key}: a filter's value is a number or a gradient (a list), got "
+                                  f"{cond['value']!r}")
+            out.append((None if flt in (None, "*") else flt, cond["value"]))
+        return out
+    if isinstance(value, list) and not value:
+        return []
+    return [(None, value)]
+
+
+def _combine(key: str, where: str, *scopes: Any) -> Any:
+    """The settings of one parameter over mergekit's scopes (highest precedence first) as one omnimerge value:
+    mergekit takes the first scope that yields a value and, inside it, the first entry whose filter matches, so
+    the scopes' entries concatenated (up to the first catch-all) resolve every tensor alike. Returns None (not
+    set), a scalar or gradient (a catch-all first), or omnimerge's ``{filters: [...], other: v}``."""
+    entries: list[tuple[str | None, Any]] = []
+    for scope in scopes:
+        entries += _entries(key, where, scope)
+        if any(f is None for f, _ in entries):
+            break
+    if not entries:
+        return None
+    if entries[0][0] is None:
+        return entries[0][1]
+    out: dict[str, Any] = {"filters": []}
+    for f, v in entries:
+        if f is None:
+            out["other"] = v
+            break
+        out["filters"].append({"filter": f, "value": v})
+    return out
+
+
+def _map_values(value: Any, fn: Any) -> Any:
+    """``fn`` applied to every number of a setting: a scalar, a gradient or omnimerge filters."""
+    if isinstance(value, dict) and "filters" in value:
+        out = {"filters": [{**e, "value": _map_values(e["value"], fn)} for e in value["filters"]]}
+        if "other" in value:
+            out["other"] = _map_values(value["other"], fn)
+        return out
+    if isinstance(value, list):
+        return [_map_values(x, fn) for x in value]
+    if not _number(value):
+        raise RecipeError(f"expected a number, a gradient or filters, got {value!r}")
+    return fn(value)
+
+
+def _as_mergekit(value: Any, default: Any) -> Any:
+    """An omnimerge parameter value as mergekit writes it: filters become a filtered list ending with the
+    catch-all (``other``, or the parameter's default, omnimerge's defaults not being mergekit's)."""
+    if isinstance(value, dict) and "filters" in value:
+        out: list[dict[str, Any]] = []
+        for e in value["filters"]:
+            out.append({"filter": "*" if e.get("filter") is None else e["filter"], "value": e["value"]})
+        other = value.get("other", default)
+        if other is not None:
+            out.append({"value": other})
+        return out
+    if isinstance(value, dict):
+        raise RecipeError(f"a value {value!r} (layer groups) has no mergekit equivalent; write per-tensor filters "
+                          f"or a gradient")
     return value
 
 
@@ -115,7 +180,8 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     for key in ("normalize", "int8_mask"):
         if key in top:
             shared[key] = top.pop(key)
-    lam = top.pop("lambda", 1.0)
+    lam = _combine("lambda", f"{source}: parameters", top.pop("lambda", None))
+    lam = 1.0 if lam is None else lam
     out_models: list[dict[str, Any]] = []
     per_key: dict[str, list[Any]] = {}
     for i, m in enumerate(models):
@@ -124,7 +190,9 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         if not isinstance(m, dict) or "model" not in m:
             raise RecipeError(f"{source}: models[{i}]: expected a mapping with a 'model' key")
         where = f"{source}: models[{i}].parameters"
-        params = {**top, **_mapping(m.get("parameters"), f"{where}")}
+        own = _mapping(m.get("parameters"), f"{where}")
+        params = {k: v for k in dict.fromkeys([*own, *top])
+                  if (v := _combine(k, where, own.get(k), top.get(k))) is not None}
         entry: dict[str, Any] = {"model": str(m["model"])}
         if m["model"] == base:
             if method == "linear" and params.get("weight"):
@@ -133,7 +201,6 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
             continue  # mergekit lists the base among models; omnimerge has it as base_model only
         mparams: dict[str, Any] = {}
         for k, v in params.items():
-            v = _resolve(k, where, v)
             if k == "weight":
                 mparams["weight"] = v
             else:
@@ -151,10 +218,11 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         params_out[k] = vals[0]
     if method in _DARE and "density" in params_out:
         d = params_out.pop("density")
-        if not (_number(d) or (isinstance(d, list) and d and all(_number(x) for x in d))):
-            raise RecipeError(f"{source}: parameters.density: expected a number in [0, 1] or a list of them, "
-                              f"got {d!r}")
-        params_out["drop_rate"] = [1 - x for x in d] if isinstance(d, list) else 1 - d
+        try:
+            params_out["drop_rate"] = _map_values(d, lambda x: 1 - x)
+        except RecipeError:
+            raise RecipeError(f"{source}: parameters.density: expected a number in [0, 1], a list of them or "
+                              f"filters, got {d!r}") from None
         if method == "dare_ties":
             params_out["density"] = 1.0  # mergekit's dare_ties trims at random only
     if method in _SCALED:
@@ -236,10 +304,15 @@ def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
     for k, v in top.items():
         if v is None:
             raise RecipeError(f"{src}: parameters.{k}: required by {method} and not set")
+        default = defaults.get(k)
+        if k == "drop_rate":  # mergekit's DARE density is the kept fraction
+            v = _map_values(v, lambda x: 1 - x)
+            default = None if default is None else 1 - default  # type: ignore[operator]
+        v = _as_mergekit(v, default)
         if k == "scaling":
             params["lambda"] = v
         elif k == "drop_rate":
-            params["density"] = [1 - x for x in v] if isinstance(v, list) else 1 - v
+            params["density"] = v
         elif k == "density" and method == "dare_ties":
             if v != 1.0:
                 raise RecipeError(f"{src}: parameters.density: {v}: omnimerge's dare_ties trims by magnitude "
@@ -267,7 +340,8 @@ def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
         if extra:
             raise RecipeError(f"{src}: models[].parameters.{sorted(extra)[0]}: only weight is per model here")
         if "weight" in m.parameters or "weight" in defaults:
-            entry["parameters"] = {"weight": m.parameters.get("weight", defaults.get("weight", 1.0))}
+            entry["parameters"] = {"weight": _as_mergekit(m.parameters.get("weight", defaults.get("weight", 1.0)),
+                                                          defaults.get("weight", 1.0))}
         models.append(entry)
     out: dict[str, Any] = {"merge_method": mk, "base_model": recipe.base_model, "models": models}
     if params:
