@@ -121,6 +121,11 @@ class MergeRun:
     def __init__(self, recipe: Recipe, output: str | Path | None, options: MergeOptions | None = None) -> None:
         o = options or MergeOptions()
         self.options = o
+        if recipe.slices is not None:
+            raise RecipeError("slices: a layer-range merge is written to a folder (omnimerge.merge, `omnimerge "
+                              "merge`), not merged in memory")
+        #: where a schedule takes a tensor's depth t from, by name (None: layer / (depth - 1))
+        self.depth_fraction: Callable[[str], float] | None = None
         self.recipe = recipe
         self.output = Path(output).expanduser().absolute() if output is not None else None
         self.overwrite = o.overwrite
@@ -287,6 +292,8 @@ class MergeRun:
                 job.kwargs = self.kwargs
             elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
                 t = job.layer / (job.num_layers - 1) if job.layer is not None and job.num_layers > 1 else 0.0
+                if self.depth_fraction is not None:  # e.g. a slice's own t (omnimerge.slices)
+                    t = self.depth_fraction(job.name)
                 job.kwargs = at_depth(self.kwargs, t, job.layer, job.num_layers,
                                       where is not None and where[0] in decoder, name=job.name)
                 self._check_filtered(job)

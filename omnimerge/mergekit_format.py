@@ -159,9 +159,10 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a mergekit recipe must be a mapping of keys")
     diffs: list[str] = []
-    for key in ("slices", "modules"):
-        if key in data:
-            raise RecipeError(f"{source}: {key}: mergekit's {key} (layer-range merges) are not translated yet")
+    if "modules" in data:
+        raise RecipeError(f"{source}: modules: mergekit's per-module recipes are not translated yet")
+    if "slices" in data:
+        return _translate_slices(data, source)
     method = data.get("merge_method")
     if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{source}: merge_method: expected one of mergekit's methods "
@@ -268,6 +269,118 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     return recipe, diffs
 
 
+def _merge_scopes(key: str, where: str, *scopes: Any) -> Any:
+    """Several mergekit scopes of one parameter (highest precedence first) as one mergekit setting."""
+    entries: list[tuple[str | None, Any]] = []
+    for scope in scopes:
+        entries += _entries(key, where, scope)
+        if any(f is None for f, _ in entries):
+            break
+    if not entries:
+        return None
+    if entries[0][0] is None:
+        return entries[0][1]
+    return [{"value": v} if f is None else {"filter": f, "value": v} for f, v in entries]
+
+
+_SLICE_KEYS = {"slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+               "tokenizer", "chat_template"}
+_NO_BASE = "\0no base"  # a base name no source has: every source stays an input (linear)
+
+
+def _translate_slices(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """A mergekit ``slices`` recipe -> omnimerge's (see :mod:`omnimerge.slices`): each slice's parameters
+    resolved over mergekit's scopes (source, slice, top level) by :func:`translate`'s rules."""
+    if "models" in data:
+        raise RecipeError(f"{source}: models: mergekit takes exactly one of models, slices or modules")
+    unknown = set(data) - _SLICE_KEYS
+    if unknown:
+        raise RecipeError(f"{source}: {sorted(unknown)[0]}: unknown mergekit key")
+    method = data.get("merge_method")
+    if method != "passthrough" and (not isinstance(method, str) or method not in METHODS):
+        raise RecipeError(f"{source}: merge_method: expected passthrough or one of mergekit's methods "
+                          f"({', '.join(sorted(METHODS))}), got {method!r}")
+    for key in ("tokenizer_source", "tokenizer", "chat_template"):
+        if data.get(key) not in (None, "base"):
+            raise RecipeError(f"{source}: {key}: not supported with slices yet (the base's files are copied)")
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError(f"{source}: slices: a list of slices (each with sources) is required")
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise RecipeError(f"{source}: base_model: expected a model path or hub id, got {base!r}")
+    top = _mapping(data.get("parameters"), f"{source}: parameters")
+    diffs: list[str] = []
+    out_slices: list[dict[str, Any]] = []
+    for i, sl in enumerate(slices):
+        where = f"{source}: slices[{i}]"
+        if not isinstance(sl, dict) or set(sl) - {"sources", "base_model", "parameters", "residual_weight"}:
+            raise RecipeError(f"{where}: expected a mapping with sources (and base_model, parameters)")
+        if sl.get("residual_weight") is not None:
+            raise RecipeError(f"{where}.residual_weight: mergekit declares it but never uses it; not supported")
+        srcs = sl.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise RecipeError(f"{where}.sources: a list of sources (model, layer_range) is required")
+        for j, s in enumerate(srcs):
+            lr = s.get("layer_range") if isinstance(s, dict) else None
+            if not isinstance(s, dict) or not isinstance(s.get("model"), str) or set(s) - {"model", "layer_range",
+                                                                                            "parameters"}:
+                raise RecipeError(f"{where}.sources[{j}]: expected a mapping with model and layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in lr)):
+                raise RecipeError(f"{where}.sources[{j}].layer_range: expected [first, stop] (two integers), "
+                                  f"got {lr!r}")
+        sparams = _mapping(sl.get("parameters"), f"{where}.parameters")
+        sbase = sl.get("base_model") or base
+        entry: dict[str, Any] = {"sources": []}
+        if method == "passthrough":
+            for j, s in enumerate(srcs):
+                own = _mapping(s.get("parameters"), f"{where}.sources[{j}].parameters")
+                keys = set(own) | set(sparams) | set(top)
+                if keys - {"scale"}:
+                    raise RecipeError(f"{where}.sources[{j}].parameters: passthrough takes only scale, got "
+                                      f"{sorted(keys - {'scale'})}")
+                scale = _combine("scale", where, own.get("scale"), sparams.get("scale"), top.get("scale"))
+                entry["sources"].append({"model": s["model"], "layer_range": list(s["layer_range"]),
+                                         **({"parameters": {"scale": scale}} if scale is not None else {})})
+            out_slices.append(entry)
+            continue
+        shared = {k: v for k in dict.fromkeys([*sparams, *top])
+                  if (v := _merge_scopes(k, where, sparams.get(k), top.get(k))) is not None}
+        base_free = method == "linear"
+        mk = {"merge_method": method, "base_model": _NO_BASE if base_free else sbase, "parameters": shared,
+              "models": [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in srcs]}
+        if not base_free and not sbase:
+            raise RecipeError(f"{where}: base_model: mergekit's {method} needs a base model among the sources")
+        if not base_free and not any(s["model"] == sbase for s in srcs):
+            raise RecipeError(f"{where}: base_model '{sbase}' is not among the slice's sources")
+        om, d = translate(mk, source)
+        diffs += [x for x in d if x not in diffs]
+        it = iter(om["models"])
+        for s in srcs:
+            e: dict[str, Any] = {"model": s["model"], "layer_range": list(s["layer_range"])}
+            if base_free or s["model"] != sbase:
+                p = next(it).get("parameters")
+                if p:
+                    e["parameters"] = p
+            entry["sources"].append(e)
+        if not base_free:
+            entry["base_model"] = sbase
+        entry["parameters"] = om["parameters"]
+        out_slices.append(entry)
+        recipe_method = om["merge_method"]
+    ref = base or slices[0]["sources"][0]["model"]
+    if not base:
+        diffs.append(f"base_model: none given: the output's config and files come from the first slice's first "
+                     f"source '{ref}' (mergekit takes one of the models in an unspecified order)")
+    recipe: dict[str, Any] = {"base_model": str(ref), "merge_method": "passthrough" if method == "passthrough"
+                              else recipe_method, "slices": out_slices}
+    for key in ("dtype", "out_dtype"):
+        if key in data:
+            recipe[key] = data[key]
+    return recipe, diffs
+
+
 # --- omnimerge -> mergekit -------------------------------------------------------------------------------------
 
 #: omnimerge method -> mergekit method
@@ -286,6 +399,8 @@ def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
 
     src = "recipe"
     method = recipe.merge_method
+    if recipe.slices is not None:
+        return _slices_to_mergekit(recipe)
     if method not in TO_MERGEKIT:
         raise RecipeError(f"{src}: merge_method: '{method}' has no mergekit equivalent (mergekit has: "
                           f"{', '.join(sorted(TO_MERGEKIT))})")
@@ -361,4 +476,57 @@ def to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
                      f"omnimerge left the others at the base (the vision tower and projector by default)")
     if str(recipe.shard_size) != "5GB":
         diffs.append(f"shard_size: {recipe.shard_size}: a mergekit-yaml option, --out-shard-size")
+    return out, diffs
+
+
+def _slices_to_mergekit(recipe: Any) -> tuple[dict[str, Any], list[str]]:
+    """An omnimerge ``slices`` recipe -> mergekit's: each slice written as :func:`to_mergekit` writes a models
+    recipe of its sources (parameters at their effective values), its layer ranges kept."""
+    from omnimerge.recipe import validate_recipe
+
+    method = recipe.merge_method
+    diffs: list[str] = []
+    out_slices: list[dict[str, Any]] = []
+    for i, sl in enumerate(recipe.slices):
+        if method == "passthrough":
+            srcs = []
+            for s in sl.sources:
+                e: dict[str, Any] = {"model": s.model, "layer_range": list(s.layer_range)}
+                if "scale" in s.parameters:
+                    e["parameters"] = {"scale": _as_mergekit(s.parameters["scale"], None)}
+                srcs.append(e)
+            out_slices.append({"sources": srcs})
+            continue
+        base_free = method == "linear"
+        base = sl.base_model or recipe.base_model
+        inputs = [s for s in sl.sources if base_free or s.model != base]
+        sub = validate_recipe({
+            "base_model": sl.sources[0].model if base_free else base,
+            "models": [{"model": s.model, "parameters": s.parameters} for s in inputs],
+            "merge_method": method, "parameters": {**recipe.parameters, **sl.parameters},
+            "modifiers": recipe.modifiers, "dtype": recipe.dtype, "out_dtype": recipe.out_dtype,
+            "select": {"include": [".*"]}}, f"slices[{i}]")  # slices merge every tensor
+        mk, d = to_mergekit(sub)
+        diffs += [x for x in d if x not in diffs]
+        by_model = iter(mk["models"])
+        srcs = []
+        for s in sl.sources:
+            e = {"model": s.model, "layer_range": list(s.layer_range)}
+            if base_free or s.model != base:
+                p = next(by_model).get("parameters")
+                if p:
+                    e["parameters"] = p
+            srcs.append(e)
+        entry: dict[str, Any] = {"sources": srcs}
+        if not base_free:
+            entry["base_model"] = base
+        if mk.get("parameters"):
+            entry["parameters"] = mk["parameters"]
+        out_slices.append(entry)
+    out: dict[str, Any] = {"merge_method": TO_MERGEKIT.get(method, method), "base_model": recipe.base_model,
+                           "slices": out_slices, "dtype": recipe.dtype}
+    if method != "passthrough" and method not in TO_MERGEKIT:
+        raise RecipeError(f"recipe: merge_method: '{method}' has no mergekit equivalent")
+    if recipe.out_dtype:
+        out["out_dtype"] = recipe.out_dtype
     return out, diffs
