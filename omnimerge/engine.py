@@ -295,7 +295,8 @@ class MergeRun:
                 if self.depth_fraction is not None:  # e.g. a slice's own t (omnimerge.slices)
                     t = self.depth_fraction(job.name)
                 job.kwargs = at_depth(self.kwargs, t, job.layer, job.num_layers,
-                                      where is not None and where[0] in decoder, name=job.name)
+                                      where is not None and where[0] in decoder, name=job.name,
+                                      component=job.component)
                 self._check_filtered(job)
                 if self.method.check is not None:
                     self.method.check(job.kwargs)

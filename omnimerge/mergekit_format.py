@@ -142,6 +142,9 @@ def _as_mergekit(value: Any, default: Any) -> Any:
     catch-all (``other``, or the parameter's default, omnimerge's defaults not being mergekit's)."""
     if isinstance(value, dict) and "filters" in value:
         out: list[dict[str, Any]] = []
+        if any("component" in e for e in value["filters"]):
+            raise RecipeError(f"filters by component {value['filters']!r} have no per-tensor mergekit form "
+                              f"(mergekit sets them per module, in a modules recipe)")
         for e in value["filters"]:
             out.append({"filter": "*" if e.get("filter") is None else e["filter"], "value": e["value"]})
         other = value.get("other", default)
@@ -160,7 +163,7 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         raise RecipeError(f"{source}: a mergekit recipe must be a mapping of keys")
     diffs: list[str] = []
     if "modules" in data:
-        raise RecipeError(f"{source}: modules: mergekit's per-module recipes are not translated yet")
+        return _translate_modules(data, source)
     if "slices" in data:
         return _translate_slices(data, source)
     method = data.get("merge_method")
@@ -378,6 +381,92 @@ def _translate_slices(data: dict[str, Any], source: str) -> tuple[dict[str, Any]
     for key in ("dtype", "out_dtype"):
         if key in data:
             recipe[key] = data[key]
+    return recipe, diffs
+
+
+#: mergekit's module names (its multimodal architecture definitions) -> omnimerge's components
+MODULES: dict[str, tuple[str, ...]] = {
+    "text_decoder": ("language_model", "embedding", "lm_head", "norm", "bias", "other"),
+    "vision_tower": ("vision_tower",),
+    "multi_modal_projector": ("projector",),
+}
+
+
+def _by_component(values: dict[str, Any]) -> Any:
+    """One parameter's omnimerge value per module -> one value: itself where every module has the same, else
+    filters whose entries carry each module's components (a module without a value takes the default)."""
+    vals = list(values.values())
+    if all(v == vals[0] for v in vals):
+        return vals[0]
+    entries: list[dict[str, Any]] = []
+    for module, v in values.items():
+        for comp in MODULES[module]:
+            if v is None:
+                continue
+            if isinstance(v, dict) and "filters" in v:
+                entries += [{**e, "component": comp} for e in v["filters"]]
+                if "other" in v:
+                    entries.append({"component": comp, "value": v["other"]})
+            else:
+                entries.append({"component": comp, "value": v})
+    return {"filters": entries}
+
+
+def _translate_modules(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """A mergekit ``modules`` recipe -> an omnimerge models recipe: each module translated as a models recipe
+    (its scopes: model, module, top level), the modules' values joined by component (see :data:`MODULES`)."""
+    for key in ("models", "slices"):
+        if key in data:
+            raise RecipeError(f"{source}: {key}: mergekit takes exactly one of models, slices or modules")
+    mods = data.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        raise RecipeError(f"{source}: modules: expected a mapping of module names ({', '.join(MODULES)}) to "
+                          f"their models")
+    top = _mapping(data.get("parameters"), f"{source}: parameters")
+    per: dict[str, dict[str, Any]] = {}
+    order: list[Any] = []
+    diffs: list[str] = []
+    for name, m in mods.items():
+        where = f"{source}: modules.{name}"
+        if name not in MODULES:
+            raise RecipeError(f"{where}: not a module omnimerge maps onto its components (it maps "
+                              f"{', '.join(MODULES)})")
+        if not isinstance(m, dict) or set(m) - {"models", "slices", "parameters"}:
+            raise RecipeError(f"{where}: expected a mapping with models (and parameters)")
+        if m.get("slices"):
+            raise RecipeError(f"{where}.slices: layer ranges inside one module of a multimodal model have no "
+                              f"omnimerge equivalent (slices run on models with one layer stack)")
+        models = m.get("models")
+        if not isinstance(models, list) or not models:
+            raise RecipeError(f"{where}.models: a list of models is required")
+        names = [x.get("model") if isinstance(x, dict) else x for x in models]
+        if order and names != order:
+            raise RecipeError(f"{where}.models: {names} differ from modules.{next(iter(mods))}'s {order}; "
+                              f"omnimerge merges one list of models for every component")
+        order = names
+        mparams = _mapping(m.get("parameters"), f"{where}.parameters")
+        shared = {k: v for k in dict.fromkeys([*mparams, *top])
+                  if (v := _merge_scopes(k, where, mparams.get(k), top.get(k))) is not None}
+        sub = {k: v for k, v in data.items() if k != "modules"}
+        om, d = translate({**sub, "models": models, "parameters": shared}, source)
+        diffs += [x for x in d if x not in diffs]
+        per[name] = om
+    first = next(iter(per.values()))
+    recipe = {**first, "models": [dict(e) for e in first["models"]]}
+    for i, entry in enumerate(recipe["models"]):
+        keys = dict.fromkeys(k for om in per.values() for k in om["models"][i].get("parameters", {}))
+        params = {k: _by_component({n: om["models"][i].get("parameters", {}).get(k) for n, om in per.items()})
+                  for k in keys}
+        entry.pop("parameters", None)
+        if params:
+            entry["parameters"] = params
+    keys = dict.fromkeys(k for om in per.values() for k in om["parameters"])
+    recipe["parameters"] = {k: _by_component({n: om["parameters"].get(k) for n, om in per.items()}) for k in keys}
+    if set(mods) != set(MODULES):
+        missing = sorted(set(MODULES) - set(mods))
+        recipe["select"] = {"include": [c for n in mods for c in MODULES[n]]}
+        diffs.append(f"modules: {', '.join(missing)} not listed: mergekit writes none of their tensors (an "
+                     f"incomplete checkpoint); omnimerge copies them from the base")
     return recipe, diffs
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from omnimerge.engine import MergeRun
 from omnimerge.errors import MethodParameterError, RecipeError
@@ -124,9 +125,15 @@ def test_scopes_fall_through_as_in_mergekit() -> None:
                       "models": [{"model": "x", "parameters": {"weight": {"filter": "q_proj", "value": 3}}}]})
     assert r["models"][0]["parameters"]["weight"] == {
         "filters": [{"filter": "q_proj", "value": 3}, {"filter": "mlp", "value": 0.1}], "other": 0.2}
-    f = Filters(((None, 1.0),), 2.0)
+    f = Filters(((None, 1.0, None),), 2.0)
     assert f.at("anything", 0.0) == 1.0
-    assert Filters((("mlp", Schedule((0.0, 1.0))),), None).at("model.norm.weight", 0.5) is None
+    assert Filters((("mlp", Schedule((0.0, 1.0)), None),), None).at("model.norm.weight", 0.5) is None
+    # a component entry matches that component only; with a filter too, both must match
+    g = Filters(((None, 0.1, "vision_tower"), ("mlp", 0.2, "language_model")), 0.3)
+    assert g.at("visual.blocks.0.attn.qkv.weight", 0.0, "vision_tower") == 0.1
+    assert g.at("model.layers.0.mlp.up_proj.weight", 0.0, "language_model") == 0.2
+    assert g.at("visual.blocks.0.mlp.fc1.weight", 0.0, "vision_tower") == 0.1
+    assert g.at("model.layers.0.self_attn.q_proj.weight", 0.0, "language_model") == 0.3
 
 
 def test_to_mergekit_writes_filtered_lists(inputs: Path) -> None:
@@ -143,3 +150,75 @@ def test_to_mergekit_writes_filtered_lists(inputs: Path) -> None:
     back, _ = translate({**mk, "base_model": "b"})
     assert back["models"][0]["parameters"]["weight"] == {"filters": [{"filter": "mlp", "value": [0.0, 1.0]}],
                                                          "other": 0.5}
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2-VL base and one expert (another initialisation)."""
+    from tests.tiny_models import families
+
+    root = tmp_path_factory.mktemp("mk-vl")
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        families()["qwen2_vl"]().save_pretrained(root / f"m{seed}")
+        out.append(root / f"m{seed}")
+    return out[0], out[1]
+
+
+def test_modules_map_onto_components(vl: tuple[Path, Path], tmp_path: Path) -> None:
+    """mergekit's per-module parameters (model, module, top-level scopes) become filters by component."""
+    from safetensors.torch import load_file
+
+    import omnimerge
+    from omnimerge.components import classify
+
+    base, e = map(str, vl)
+    mk = {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"lambda": 1.0},
+          "modules": {
+              "text_decoder": {"models": [{"model": e, "parameters": {"weight": [0.0, 1.0]}}],
+                               "parameters": {"lambda": 0.5}},
+              "vision_tower": {"models": [{"model": e, "parameters": {"weight": 0.75}}]},
+              "multi_modal_projector": {"models": [{"model": e}], "parameters": {"weight": 0.25}}}}
+    om, diffs = translate(mk)
+    assert om["select"] == {"include": [".*"]} and not any("modules" in d for d in diffs)
+    jobs = _jobs(om)
+    seen = set()
+    b, x = load_file(str(vl[0] / "model.safetensors")), load_file(str(vl[1] / "model.safetensors"))
+    omnimerge.merge(om, tmp_path / "out", hash_inputs=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, kw in jobs.items():
+        comp = classify(name, b[name].shape)
+        if comp == "vision_tower":
+            want = (0.75, 1.0)
+        elif comp == "projector":
+            want = (0.25, 1.0)
+        elif ".layers.1." in name:  # the decoder's last layer (2 layers): the gradient's end
+            want = (1.0, 0.5)
+        elif ".layers.0." in name or "embed" in name or "lm_head" in name or name.endswith("model.norm.weight"):
+            want = (0.0, 0.5)  # the first layer, and outside the layers: t = 0
+        else:
+            continue
+        assert (kw["weight"][0], kw["scaling"]) == want, name
+        seen.add(comp)
+        if b[name].is_floating_point():
+            torch.testing.assert_close(got[name].float(), b[name].float() + want[0] * want[1] *
+                                       (x[name].float() - b[name].float()), rtol=1e-5, atol=1e-6)
+    assert {"vision_tower", "projector", "language_model", "embedding"} <= seen
+    # a module left out: its tensors copied from the base (mergekit writes none: stated)
+    del mk["modules"]["vision_tower"]
+    om, diffs = translate(mk)
+    assert "vision_tower" not in om["select"]["include"] and any("vision_tower not listed" in d for d in diffs)
+
+
+@pytest.mark.parametrize(("modules", "fragment"), [
+    ({"text_decoder": {"slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}},
+     "modules.text_decoder.slices: layer ranges inside one module"),
+    ({"text_decoder": {"models": [{"model": "x"}]}, "vision_tower": {"models": [{"model": "y"}]}},
+     "modules.vision_tower.models: ['y'] differ from modules.text_decoder's ['x']"),
+    ({"encoder": {"models": [{"model": "x"}]}}, "modules.encoder: not a module omnimerge maps"),
+])
+def test_modules_it_cannot_express_are_refused_in_one_line(modules: dict, fragment: str) -> None:
+    with pytest.raises(RecipeError) as e:
+        translate({"merge_method": "task_arithmetic", "base_model": "b", "modules": modules}, "r.yaml")
+    assert fragment in str(e.value) and "\n" not in str(e.value)

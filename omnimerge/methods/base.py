@@ -90,48 +90,54 @@ class Steps:
 
 @dataclass(frozen=True)
 class Filters:
-    """A float parameter chosen by tensor name (mergekit's filtered lists): ``entries`` are (filter, value) pairs
-    tried in order, and the first whose filter is a substring of the tensor's name (in the base checkpoint) gives
-    the value; a filter of None matches every tensor. A value is a number or a :class:`Schedule` (then taken at
-    the tensor's depth t, as any schedule). No entry matching: ``other`` (None: no value; refused when planned).
-    Written in a recipe as a mapping: ``weight: {filters: [{filter: self_attn, value: [0, 1]},
-    {filter: mlp, value: 0.5}], other: 1.0}`` (``other`` defaults to the parameter's default)."""
+    """A float parameter chosen by tensor name (mergekit's filtered lists): ``entries`` are (filter, value,
+    component) triples tried in order, and the first that matches gives the value: its filter a substring of the
+    tensor's name (in the base checkpoint; None matches every name) and its component, if not None, the tensor's
+    component (``omnimerge.components``: how mergekit's per-module parameters are written). A value is a number
+    or a :class:`Schedule` (then taken at the tensor's depth t, as any schedule). No entry matching: ``other``
+    (None: no value; refused when planned where the parameter needs one). Written in a recipe as a mapping:
+    ``weight: {filters: [{filter: self_attn, value: [0, 1]}, {component: vision_tower, value: 0.5}],
+    other: 1.0}`` (``other`` defaults to the parameter's default)."""
 
-    entries: tuple[tuple[str | None, float | Schedule], ...]
+    entries: tuple[tuple[str | None, float | Schedule, str | None], ...]
     other: float | Schedule | None = None
 
-    def pick(self, name: str) -> float | Schedule | None:
+    def pick(self, name: str, component: str = "") -> float | Schedule | None:
         """The entry's value (or ``other``) for tensor ``name``, before any schedule is taken at a depth."""
-        for flt, value in self.entries:
-            if flt is None or (name and flt in name):
+        for flt, value, comp in self.entries:
+            if (flt is None or (name and flt in name)) and (comp is None or comp == component):
                 return value
         return self.other
 
-    def at(self, name: str, t: float) -> float | None:
-        v = self.pick(name)
+    def at(self, name: str, t: float, component: str = "") -> float | None:
+        v = self.pick(name, component)
         return v.at(t) if isinstance(v, Schedule) else v
 
     def to_dict(self) -> dict[str, Any]:
         def one(v: float | Schedule | None) -> Any:
             return v.to_list() if isinstance(v, Schedule) else v
 
-        out: dict[str, Any] = {"filters": [{"filter": f, "value": one(v)} for f, v in self.entries]}
+        entries = []
+        for f, v, c in self.entries:
+            entries.append({"filter": f, "value": one(v)} if c is None else
+                           {**({"filter": f} if f is not None else {}), "component": c, "value": one(v)})
+        out: dict[str, Any] = {"filters": entries}
         if self.other is not None:
             out["other"] = one(self.other)
         return out
 
 
 def at_depth(kwargs: Mapping[str, Any], t: float, layer: int | None = None, num_layers: int = 0,
-             decoder: bool = False, name: str = "") -> dict[str, Any]:
+             decoder: bool = False, name: str = "", component: str = "") -> dict[str, Any]:
     """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``,
     every :class:`Steps` by its value at ``layer`` of a ``num_layers`` decoder stack (``decoder`` False: the
     tensor is not in the language model's decoder layers), and every :class:`Filters` by its value for the
-    tensor ``name`` at ``t``."""
+    tensor ``name`` (of ``component``) at ``t``."""
     def one(v: Any) -> Any:
         if isinstance(v, Schedule):
             return v.at(t)
         if isinstance(v, Filters):
-            return v.at(name, t)
+            return v.at(name, t, component)
         if isinstance(v, Steps):
             return v.at(layer, num_layers) if decoder else v.other
         if isinstance(v, tuple):
@@ -280,16 +286,22 @@ class Param:
             raise MethodParameterError(
                 f"{where}: '{self.name}': filters are written {{filters: [{{filter: name-part, value: v}}, ...], "
                 f"other: v}}, got {quoted(value, 60)}")
-        entries: list[tuple[str | None, float | Schedule]] = []
+        from omnimerge.components import COMPONENTS
+
+        entries: list[tuple[str | None, float | Schedule, str | None]] = []
         for e in flist:
-            if not isinstance(e, dict) or "value" not in e or set(e) - {"filter", "value"} \
+            if not isinstance(e, dict) or "value" not in e or set(e) - {"filter", "value", "component"} \
                     or not (e.get("filter") is None or isinstance(e["filter"], str)) \
                     or isinstance(e["value"], dict):
                 raise MethodParameterError(
-                    f"{where}: '{self.name}': a filter entry is {{filter: name-part, value: number or list}}, "
-                    f"got {quoted(e, 60)}")
+                    f"{where}: '{self.name}': a filter entry is {{filter: name-part, value: number or list}} "
+                    f"(and optionally component: NAME), got {quoted(e, 60)}")
+            comp = e.get("component")
+            if comp is not None and comp not in COMPONENTS:
+                raise MethodParameterError(f"{where}: '{self.name}': component {quoted(comp, 40)} is not one of "
+                                           f"{', '.join(COMPONENTS)}")
             flt = None if e.get("filter") in (None, "*") else e["filter"]
-            entries.append((flt, self.validate(e["value"], where)))  # type: ignore[arg-type]
+            entries.append((flt, self.validate(e["value"], where), comp))  # type: ignore[arg-type]
         other: Any = self.default
         if "other" in value:
             if isinstance(value["other"], dict):
