@@ -76,6 +76,10 @@ def merge(
                       check_finite=check_finite, hash_inputs=hash_inputs, use_kernels=use_kernels, sync=sync,
                       strategy=strategy, resume=resume)
     r = as_recipe(recipe, overrides)
+    if r.slices is not None:
+        from omnimerge.slices import merge_slices
+
+        return merge_slices(r, output, opts)
     if r.mode == "modality":
         from omnimerge.modality import merge_modalities
 

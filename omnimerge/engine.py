@@ -66,7 +66,7 @@ from omnimerge.kernels import LinearBlocks, TiesBlocks
 from omnimerge.kernels import preload as preload_kernels
 from omnimerge.kernels import ready as kernels_ready
 from omnimerge.methods import MergeMethod, TensorContext, get_method, registry
-from omnimerge.methods.base import at_depth, has_schedule, plain
+from omnimerge.methods.base import Filters, at_depth, has_schedule, plain
 from omnimerge.methods.modifiers import compose
 from omnimerge.options import MergeOptions
 from omnimerge.plan import DTYPES, Job, layer_of
@@ -122,6 +122,11 @@ class MergeRun:
     def __init__(self, recipe: Recipe, output: str | Path | None, options: MergeOptions | None = None) -> None:
         o = options or MergeOptions()
         self.options = o
+        if recipe.slices is not None:
+            raise RecipeError("slices: a layer-range merge is written to a folder (omnimerge.merge, `omnimerge "
+                              "merge`), not merged in memory")
+        #: where a schedule takes a tensor's depth t from, by name (None: layer / (depth - 1))
+        self.depth_fraction: Callable[[str], float] | None = None
         self.recipe = recipe
         self.output = Path(output).expanduser().absolute() if output is not None else None
         self.overwrite = o.overwrite
@@ -307,8 +312,12 @@ class MergeRun:
                 job.kwargs = self.kwargs
             elif job.merged:  # mergekit's gradients: t = layer / (depth - 1); outside the layers t = 0
                 t = job.layer / (job.num_layers - 1) if job.layer is not None and job.num_layers > 1 else 0.0
+                if self.depth_fraction is not None:  # e.g. a slice's own t (omnimerge.slices)
+                    t = self.depth_fraction(job.name)
                 job.kwargs = at_depth(self.kwargs, t, job.layer, job.num_layers,
-                                      where is not None and where[0] in decoder)
+                                      where is not None and where[0] in decoder, name=job.name,
+                                      component=job.component)
+                self._check_filtered(job)
                 if self.method.check is not None:
                     self.method.check(job.kwargs)
         if not any(j.merged for j in jobs):
@@ -318,6 +327,17 @@ class MergeRun:
                 f"(run `omnimerge inspect {self.recipe.base_model}` to see its components)"
             )
         return jobs
+
+    def _check_filtered(self, job: Job) -> None:
+        """A required parameter given as filters that none matches for this tensor is refused, naming both."""
+        for k, v in self.kwargs.items():
+            p = self.method.param(k)
+            given = v if isinstance(v, tuple) else (v,)
+            got = job.kwargs[k] if isinstance(job.kwargs[k], tuple) else (job.kwargs[k],)
+            if p is not None and not p.nullable and any(
+                    isinstance(a, Filters) and b is None for a, b in zip(given, got, strict=True)):
+                raise RecipeError(f"parameters.{k}: no filter matches tensor '{job.name}' and '{self.method.name}' "
+                                  f"has no default for it (add other: VALUE or a filter that matches)")
 
     # -- per-tensor work ----------------------------------------------------------------------------------------
     def _inputs(self, job: Job) -> tuple[torch.Tensor, list[torch.Tensor], list[Any] | None]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omnimerge import mergekit_format
 from omnimerge.checkpoint.vocabulary import ChatTemplate, TokenizerSettings
@@ -65,13 +65,36 @@ class Select(BaseModel):
     exclude: list[str] = Field(default_factory=list)
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    #: the source's layers [first, stop) (mergekit's layer_range, stop excluded)
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict, description="per-source method parameters")
+
+
+class SliceEntry(BaseModel):
+    """A run of output layers: its sources' layers merged (or, with passthrough, copied); see omnimerge.slices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    #: the source that is the base of this slice's merge (default: the recipe's base_model, if a source)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(BaseModel):
     """A validated merge recipe."""
 
     model_config = ConfigDict(extra="forbid")
 
     base_model: str
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    #: mergekit's slices (frankenmerges): the output's layers, run by run, from the sources' layer ranges; the
+    #: output's other tensors and files come from base_model (see omnimerge.slices); models is then empty
+    slices: list[SliceEntry] | None = None
     merge_method: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     #: transforms composed with the method, in order: ``[{dare: {drop_rate: 0.5}}, {lines: {alpha: 0.3}}]``
@@ -106,8 +129,20 @@ class Recipe(BaseModel):
     #: differently; printed by the run and recorded in the model card; not part of the YAML
     differences: list[str] = Field(default_factory=list, exclude=True)
 
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        if self.slices is None and not self.models:
+            raise ValueError("models: required key is missing (a list of models, or slices)")
+        if self.slices is not None and self.models:
+            raise ValueError("models: give models or slices, not both")
+        if self.slices is not None and not self.slices:
+            raise ValueError("slices: at least one slice is required")
+        return self
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude={"base_dir"}, exclude_none=True)
+        if self.slices is not None:
+            data.pop("models", None)
         for key in ("modifiers", "task_models"):  # written only when used
             if not data.get(key):
                 data.pop(key, None)
@@ -167,6 +202,8 @@ def validate_recipe(data: Any, source: str = "recipe", base_dir: Path | None = N
             loc = _loc(err)
             if err["type"] == "extra_forbidden":
                 msgs.append(f"{loc}: unknown key")
+            elif err["type"] == "value_error" and not err.get("loc"):  # the recipe's own checks, by key
+                msgs.append(str(err["msg"]).removeprefix("Value error, "))
             elif err["type"] == "missing":
                 msgs.append(f"{loc}: required key is missing")
             else:

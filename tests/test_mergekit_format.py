@@ -81,7 +81,7 @@ def test_top_level_parameters_are_per_model_defaults_and_catch_all_filters() -> 
     ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "tokenizer_source"),
     ({"models": [{"model": "x", "parameters": {"density": 0.3}}, {"model": "y", "parameters": {"density": 0.5}}]},
      "density"),
-    ({"models": [{"model": "x", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 1}]}}]},
+    ({"models": [{"model": "x", "parameters": {"weight": [{"filter": "self_attn", "value": {"a": 1}}]}}]},
      "weight"),
     ({"colour": "blue"}, "colour"),
     ({"merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "x"}]},

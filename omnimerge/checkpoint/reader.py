@@ -513,6 +513,32 @@ class Checkpoint:
         return f"Checkpoint({self.ref!r}, {len(self.tensors)} tensors)"
 
 
+class RenamedCheckpoint(Checkpoint):
+    """A view of another checkpoint's tensors under new names (``names``: new name -> the source's name), e.g.
+    the layers of a layer-range slice renumbered to their place in the output. It shares the source's mapped
+    files (nothing is copied or re-read); closing the view does not close the source."""
+
+    def __init__(self, src: Checkpoint, names: dict[str, str], ref: str | None = None) -> None:  # noqa: D107
+        self.path, self.ref, self.config, self.metadata = src.path, ref or src.ref, src.config, src.metadata
+        missing = [old for old in names.values() if old not in src.tensors]
+        if missing:
+            raise CheckpointError(f"{src.path}: no tensor '{missing[0]}'")
+        self.tensors = {new: src.tensors[old] for new, old in names.items()}
+        self.files = src.files
+        self._src, self._names = src, dict(names)
+        self._bin, self._maps, self._lock = src._bin, src._maps, src._lock
+        self.canonical = canonical_map(list(self.tensors), str(self.path))
+        self._canonical_of = {v: k for k, v in self.canonical.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        return self._src.read(self._names[name])
+
+    def close(self) -> None:
+        return None
+
+
 def open_checkpoint(ref: str, base_dir: Path | None = None) -> Checkpoint:
     """Open a full checkpoint by path or cached hub id."""
     return Checkpoint(resolve_model_path(ref, base_dir), ref)

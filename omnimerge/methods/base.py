@@ -31,8 +31,8 @@ import torch
 from omnimerge.errors import MethodParameterError, quoted
 from omnimerge.types import LowRank
 
-__all__ = ["Capabilities", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Statistics", "Steps",
-           "TaskMasks", "TensorContext", "at_depth", "merge_method", "registry"]
+__all__ = ["Capabilities", "Filters", "GlobalPass", "LowRank", "MergeMethod", "Param", "Schedule", "Statistics",
+           "Steps", "TaskMasks", "TensorContext", "at_depth", "merge_method", "registry"]
 
 ParamValue = float | int | str | bool | None
 
@@ -47,13 +47,15 @@ class Schedule:
     values: tuple[float, ...]
 
     def at(self, t: float) -> float:
+        """The value at ``t`` (clamped to [0, 1]): x = t (n - 1), i = floor(x), f = x - i,
+        (1 - f) v_i + f v_{i+1} — mergekit's arithmetic, so a gradient gives mergekit's value to the bit."""
         n = len(self.values)
         if n == 1:
             return self.values[0]
         x = min(max(t, 0.0), 1.0) * (n - 1)
-        i = min(int(x), n - 2)
+        i = int(x)
         f = x - i
-        return self.values[i] if f == 0.0 else self.values[i] + (self.values[i + 1] - self.values[i]) * f
+        return (1 - f) * self.values[i] + f * self.values[min(i + 1, n - 1)]
 
     def to_list(self) -> list[float]:
         return list(self.values)
@@ -86,14 +88,56 @@ class Steps:
         return {"layers": list(self.layers), "other": self.other}
 
 
+@dataclass(frozen=True)
+class Filters:
+    """A float parameter chosen by tensor name (mergekit's filtered lists): ``entries`` are (filter, value,
+    component) triples tried in order, and the first that matches gives the value: its filter a substring of the
+    tensor's name (in the base checkpoint; None matches every name) and its component, if not None, the tensor's
+    component (``omnimerge.components``: how mergekit's per-module parameters are written). A value is a number
+    or a :class:`Schedule` (then taken at the tensor's depth t, as any schedule). No entry matching: ``other``
+    (None: no value; refused when planned where the parameter needs one). Written in a recipe as a mapping:
+    ``weight: {filters: [{filter: self_attn, value: [0, 1]}, {component: vision_tower, value: 0.5}],
+    other: 1.0}`` (``other`` defaults to the parameter's default)."""
+
+    entries: tuple[tuple[str | None, float | Schedule, str | None], ...]
+    other: float | Schedule | None = None
+
+    def pick(self, name: str, component: str = "") -> float | Schedule | None:
+        """The entry's value (or ``other``) for tensor ``name``, before any schedule is taken at a depth."""
+        for flt, value, comp in self.entries:
+            if (flt is None or (name and flt in name)) and (comp is None or comp == component):
+                return value
+        return self.other
+
+    def at(self, name: str, t: float, component: str = "") -> float | None:
+        v = self.pick(name, component)
+        return v.at(t) if isinstance(v, Schedule) else v
+
+    def to_dict(self) -> dict[str, Any]:
+        def one(v: float | Schedule | None) -> Any:
+            return v.to_list() if isinstance(v, Schedule) else v
+
+        entries = []
+        for f, v, c in self.entries:
+            entries.append({"filter": f, "value": one(v)} if c is None else
+                           {**({"filter": f} if f is not None else {}), "component": c, "value": one(v)})
+        out: dict[str, Any] = {"filters": entries}
+        if self.other is not None:
+            out["other"] = one(self.other)
+        return out
+
+
 def at_depth(kwargs: Mapping[str, Any], t: float, layer: int | None = None, num_layers: int = 0,
-             decoder: bool = False) -> dict[str, Any]:
-    """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``, and
+             decoder: bool = False, name: str = "", component: str = "") -> dict[str, Any]:
+    """``kwargs`` with every :class:`Schedule` (also inside per-model tuples) replaced by its value at ``t``,
     every :class:`Steps` by its value at ``layer`` of a ``num_layers`` decoder stack (``decoder`` False: the
-    tensor is not in the language model's decoder layers)."""
+    tensor is not in the language model's decoder layers), and every :class:`Filters` by its value for the
+    tensor ``name`` (of ``component``) at ``t``."""
     def one(v: Any) -> Any:
         if isinstance(v, Schedule):
             return v.at(t)
+        if isinstance(v, Filters):
+            return v.at(name, t, component)
         if isinstance(v, Steps):
             return v.at(layer, num_layers) if decoder else v.other
         if isinstance(v, tuple):
@@ -104,8 +148,8 @@ def at_depth(kwargs: Mapping[str, Any], t: float, layer: int | None = None, num_
 
 
 def has_schedule(kwargs: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, Schedule | Steps)
-               or (isinstance(v, tuple) and any(isinstance(x, Schedule | Steps) for x in v))
+    return any(isinstance(v, Schedule | Steps | Filters)
+               or (isinstance(v, tuple) and any(isinstance(x, Schedule | Steps | Filters) for x in v))
                for v in kwargs.values())
 
 
@@ -114,7 +158,7 @@ def plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     def one(v: Any) -> Any:
         if isinstance(v, Schedule):
             return v.to_list()
-        if isinstance(v, Steps):
+        if isinstance(v, Steps | Filters):
             return v.to_dict()
         if isinstance(v, tuple):
             return [one(x) for x in v]
@@ -155,15 +199,19 @@ class Param:
         hb = ")" if (self.high is None or self.high_open) else "]"
         return f"a {self.kind.__name__} in {lb}{lo}, {hi}{hb}"
 
-    def validate(self, value: Any, where: str) -> ParamValue | Schedule | Steps:
+    def validate(self, value: Any, where: str) -> ParamValue | Schedule | Steps | Filters:
         """Coerce ``value`` to the declared type and check its range; ``where`` names it in errors. A list is a
         :class:`Schedule` over depth, a mapping ``{layers: [...], other: x}`` a :class:`Steps` over the decoder's
-        layer groups (float parameters only), each value checked."""
+        layer groups, ``{filters: [...], other: x}`` a :class:`Filters` by tensor name (float parameters only),
+        each value checked."""
         if isinstance(value, dict):
             if self.kind is not float or self.choices is not None:
                 raise MethodParameterError(
                     f"{where}: '{self.name}' must be {self.describe_range()}, got a mapping (layer groups "
-                    f"{{layers: [...], other: x}} are for float parameters only)")
+                    f"{{layers: [...], other: x}} and filters {{filters: [...], other: x}} are for float "
+                    f"parameters only)")
+            if "filters" in value:
+                return self._filters(value, where)
             if set(value) != {"layers", "other"} or not isinstance(value["layers"], list | tuple) \
                     or not value["layers"]:
                 raise MethodParameterError(
@@ -172,6 +220,10 @@ class Param:
             vals = tuple(float(self.validate(v, where)) for v in value["layers"])  # type: ignore[arg-type]
             return Steps(vals, float(self.validate(value["other"], where)))  # type: ignore[arg-type]
         if isinstance(value, list | tuple):
+            if value and all(isinstance(x, dict) for x in value) and self.kind is float:
+                raise MethodParameterError(
+                    f"{where}: '{self.name}': a list of mappings; per-tensor values are written "
+                    f"{{filters: [{{filter: name-part, value: v}}, ...], other: v}}")
             if self.kind is not float or self.choices is not None:
                 raise MethodParameterError(
                     f"{where}: '{self.name}' must be {self.describe_range()}, got the list {list(value)!r} "
@@ -225,6 +277,38 @@ class Param:
                     f"{where}: '{self.name}' must be {self.describe_range()}, got {v!r}"
                 )
         return v
+
+
+    def _filters(self, value: dict[str, Any], where: str) -> Filters:
+        """``{filters: [{filter: str | None, value: number | list}, ...], other: number | list}`` checked."""
+        flist = value["filters"]
+        if set(value) - {"filters", "other"} or not isinstance(flist, list | tuple) or not flist:
+            raise MethodParameterError(
+                f"{where}: '{self.name}': filters are written {{filters: [{{filter: name-part, value: v}}, ...], "
+                f"other: v}}, got {quoted(value, 60)}")
+        from omnimerge.components import COMPONENTS
+
+        entries: list[tuple[str | None, float | Schedule, str | None]] = []
+        for e in flist:
+            if not isinstance(e, dict) or "value" not in e or set(e) - {"filter", "value", "component"} \
+                    or not (e.get("filter") is None or isinstance(e["filter"], str)) \
+                    or isinstance(e["value"], dict):
+                raise MethodParameterError(
+                    f"{where}: '{self.name}': a filter entry is {{filter: name-part, value: number or list}} "
+                    f"(and optionally component: NAME), got {quoted(e, 60)}")
+            comp = e.get("component")
+            if comp is not None and comp not in COMPONENTS:
+                raise MethodParameterError(f"{where}: '{self.name}': component {quoted(comp, 40)} is not one of "
+                                           f"{', '.join(COMPONENTS)}")
+            flt = None if e.get("filter") in (None, "*") else e["filter"]
+            entries.append((flt, self.validate(e["value"], where), comp))  # type: ignore[arg-type]
+        other: Any = self.default
+        if "other" in value:
+            if isinstance(value["other"], dict):
+                raise MethodParameterError(f"{where}: '{self.name}': filters' other is a number or a list, got "
+                                           f"{quoted(value['other'], 60)}")
+            other = self.validate(value["other"], where)
+        return Filters(tuple(entries), other)
 
 
 @dataclass
