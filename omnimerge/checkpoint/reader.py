@@ -527,10 +527,13 @@ class RenamedCheckpoint(Checkpoint):
         self.files = src.files
         self._src, self._names = src, dict(names)
         self._bin, self._maps, self._lock = src._bin, src._maps, src._lock
+        self._replaced = {}  # this view's own replaced tensors (see Checkpoint.replace)
         self.canonical = canonical_map(list(self.tensors), str(self.path))
         self._canonical_of = {v: k for k, v in self.canonical.items()}
 
     def read(self, name: str) -> torch.Tensor:
+        if name in self._replaced:
+            return super().read(name)
         if name not in self._names:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
         return self._src.read(self._names[name])
