@@ -174,6 +174,19 @@ def _as_mergekit(value: Any, default: Any) -> Any:
     return value
 
 
+def _dtypes(data: dict[str, Any], recipe: dict[str, Any], diffs: list[str]) -> None:
+    """mergekit's ``dtype`` casts the inputs and, without ``out_dtype``, is the output's dtype: omnimerge computes
+    in float32 (float64 for float64) from the stored values and writes ``out_dtype or dtype``."""
+    dt, odt = data.get("dtype"), data.get("out_dtype")
+    if dt is not None:
+        recipe["dtype"] = "float64" if dt == "float64" else "float32"
+        if dt in ("float16", "bfloat16"):
+            diffs.append(f"dtype: {dt}: mergekit rounds the inputs to {dt} before merging; omnimerge merges in "
+                         f"float32 and rounds the result to {odt or dt} once")
+    if odt is not None or dt is not None:
+        recipe["out_dtype"] = odt or dt
+
+
 def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[str]]:
     """A mergekit recipe mapping -> (omnimerge recipe mapping, stated differences)."""
     if not isinstance(data, dict):
@@ -193,6 +206,11 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise RecipeError(f"{source}: base_model: expected a model path or hub id, got {base!r}")
+    base_free = False
+    if not base and method == "linear" and models:  # a weighted average needs no base: every model is an input
+        first = models[0]
+        base = str(first.get("model") if isinstance(first, dict) else first)
+        base_free = True
     if not base:
         raise RecipeError(f"{source}: base_model: omnimerge needs a base model (mergekit's {method} without "
                           f"one has no equivalent)")
@@ -215,7 +233,7 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
         params = {k: v for k in dict.fromkeys([*own, *top])
                   if (v := _combine(k, where, own.get(k), top.get(k))) is not None}
         entry: dict[str, Any] = {"model": str(m["model"])}
-        if m["model"] == base:
+        if m["model"] == base and not base_free:
             if method == "linear" and params.get("weight"):
                 raise RecipeError(f"{source}: models[{i}]: mergekit's linear averages the base model in with "
                                   f"its weight; omnimerge's linear averages the experts only")
@@ -268,9 +286,7 @@ def translate(data: Any, source: str = "recipe") -> tuple[dict[str, Any], list[s
                      "are its own (no effect on the result)")
     recipe: dict[str, Any] = {"base_model": str(base), "models": out_models, "merge_method": METHODS[method],
                               "parameters": params_out, "select": {"include": [".*"]}}
-    for key in ("dtype", "out_dtype"):
-        if key in data:
-            recipe[key] = data[key]
+    _dtypes(data, recipe, diffs)
     tokenizer = _tokenizer(data, source, [str(m["model"]) if isinstance(m, dict) else str(m) for m in models],
                            str(base), diffs)
     if tokenizer is not None:
@@ -422,9 +438,7 @@ def _translate_slices(data: dict[str, Any], source: str) -> tuple[dict[str, Any]
                      f"source '{ref}' (mergekit takes one of the models in an unspecified order)")
     recipe: dict[str, Any] = {"base_model": str(ref), "merge_method": "passthrough" if method == "passthrough"
                               else recipe_method, "slices": out_slices}
-    for key in ("dtype", "out_dtype"):
-        if key in data:
-            recipe[key] = data[key]
+    _dtypes(data, recipe, diffs)
     return recipe, diffs
 
 

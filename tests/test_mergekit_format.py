@@ -43,7 +43,10 @@ def test_ties_translation_keeps_mergekit_meaning() -> None:
     assert r["models"][1]["parameters"] == {"weight": [0.2, 0.8]}  # a gradient stays a schedule
     assert r["parameters"] == {"density": 0.5, "scaling": 0.7}
     assert r["select"] == {"include": [".*"]}  # mergekit merges every tensor
-    assert r["tokenizer"] == {"source": "a"} and r["dtype"] == "float16"  # a's vocabulary, embeddings re-indexed
+    # a's vocabulary, embeddings re-indexed; mergekit's dtype is the inputs' and (no out_dtype) the output's:
+    # omnimerge merges in float32 and writes float16
+    assert r["tokenizer"] == {"source": "a"} and r["dtype"] == "float32" and r["out_dtype"] == "float16"
+    assert any(d.startswith("dtype: float16: mergekit rounds the inputs") for d in diffs)
     assert any("elected sign" in d for d in diffs) and any("int8_mask" in d for d in diffs)
     _, diffs = translate({**TIES, "parameters": {"normalize": False}})
     assert any("normalize: false" in d for d in diffs)

@@ -108,6 +108,37 @@ def resolve(recipe: dict) -> dict[str, dict]:
     return out
 
 
+#: an example with one key changed (name -> (example, change)): arcee_fusion in float32, where mergekit does
+#: not round its inputs to bfloat16 first
+VARIANTS = {"arcee_fusion-float32": ("arcee_fusion", {"dtype": "float32"})}
+
+
+def examples(work: Path, exe: Path, env: dict[str, str]) -> None:
+    """mergekit-yaml on each of its example recipes (``tests/fixtures/mergekit/examples/*.yml``) over the tiny
+    40-layer inputs; its outputs kept in ``examples/<name>/`` (weights and config.json)."""
+    root = work / "examples-in"
+    digests = mergekit_inputs.build_examples(root)
+    status = {}
+    runs = [(f.stem, f, {}) for f in sorted((OUT / "examples").glob("*.yml"))]
+    runs += [(name, OUT / "examples" / f"{src}.yml", change) for name, (src, change) in VARIANTS.items()]
+    for stem, f, change in runs:
+        recipe = {**mergekit_inputs.localise(yaml.safe_load(f.read_text()), root), **change}
+        (work / f"{stem}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        out = work / f"out-{stem}"
+        r = subprocess.run([str(exe), str(work / f"{stem}.yml"), str(out), "--no-copy-tokenizer", "--quiet",
+                            "--random-seed", "0"], env=env, capture_output=True, text=True)
+        status[stem] = r.returncode
+        if r.returncode != 0:
+            print(f"{stem}: mergekit failed: {r.stderr.strip().splitlines()[-1]}")
+            continue
+        dest = OUT / "examples" / stem
+        dest.mkdir(exist_ok=True)
+        shutil.copy(out / "model.safetensors", dest / "model.safetensors")
+        shutil.copy(out / "config.json", dest / "config.json")
+    (OUT / "examples" / "inputs.json").write_text(json.dumps({"inputs": digests, "mergekit_exit": status},
+                                                             indent=1) + "\n")
+
+
 def main() -> None:
     import mergekit
 
@@ -137,6 +168,7 @@ def main() -> None:
                 shutil.copy(work / "out-slices" / f, dest / f)
             (dest / "recipe.yaml").write_text(yaml.safe_dump(SLICES_LINEAR, sort_keys=False))
             (dest / "inputs.json").write_text(json.dumps(digests, indent=1) + "\n")
+            examples(work, exe, env)
         finally:
             os.chdir(cwd)
     print(f"wrote {OUT}")
