@@ -117,16 +117,23 @@ def _entries(key: str, where: str, value: Any) -> list[tuple[str | None, Any]]:
     return [(None, value)]
 
 
-def _combine(key: str, where: str, *scopes: Any) -> Any:
-    """The settings of one parameter over mergekit's scopes (highest precedence first) as one omnimerge value:
-    mergekit takes the first scope that yields a value and, inside it, the first entry whose filter matches, so
-    the scopes' entries concatenated (up to the first catch-all) resolve every tensor alike. Returns None (not
-    set), a scalar or gradient (a catch-all first), or omnimerge's ``{filters: [...], other: v}``."""
+def _scoped_entries(key: str, where: str, scopes: tuple[Any, ...]) -> list[tuple[str | None, Any]]:
+    """The (filter, value) entries of one parameter over mergekit's scopes (highest precedence first),
+    concatenated up to the first scope that has a catch-all (mergekit never looks past it)."""
     entries: list[tuple[str | None, Any]] = []
     for scope in scopes:
         entries += _entries(key, where, scope)
         if any(f is None for f, _ in entries):
             break
+    return entries
+
+
+def _combine(key: str, where: str, *scopes: Any) -> Any:
+    """The settings of one parameter over mergekit's scopes (highest precedence first) as one omnimerge value:
+    mergekit takes the first scope that yields a value and, inside it, the first entry whose filter matches, so
+    the scopes' entries concatenated (up to the first catch-all) resolve every tensor alike. Returns None (not
+    set), a scalar or gradient (a catch-all first), or omnimerge's ``{filters: [...], other: v}``."""
+    entries = _scoped_entries(key, where, scopes)
     if not entries:
         return None
     if entries[0][0] is None:
@@ -334,11 +341,7 @@ def _tokenizer(data: dict[str, Any], source: str, models: list[str], base: str,
 
 def _merge_scopes(key: str, where: str, *scopes: Any) -> Any:
     """Several mergekit scopes of one parameter (highest precedence first) as one mergekit setting."""
-    entries: list[tuple[str | None, Any]] = []
-    for scope in scopes:
-        entries += _entries(key, where, scope)
-        if any(f is None for f, _ in entries):
-            break
+    entries = _scoped_entries(key, where, scopes)
     if not entries:
         return None
     if entries[0][0] is None:
